@@ -1,0 +1,70 @@
+"""``build_ovsam``: resolve a config, build the modules, load weights, move to a device. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, OvsamConfig, SamConfig, list_models, load_config
+from .modeling import OvsamModel, SamModel
+from .modeling.clip_backbone import create_clip, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Model = OvsamModel | SamModel
+
+
+def build_model(config: ModelConfig) -> Model:
+    """Random-init model for ``config`` (the published training initialisation for FPN and ``roi_conv``)."""
+    if isinstance(config, SamConfig):
+        return SamModel(config).eval()
+    clip = create_clip(config.clip)
+    model = OvsamModel(config, clip, get_tokenizer(config.clip))
+    model.fpn_neck.init_weights()
+    model.mask_decoder.init_roi_conv()
+    return model.eval()
+
+
+def build_ovsam(
+    name_or_config: str | Path | Mapping[str, Any] | ModelConfig | None = None,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Model:
+    """Build a model by name (see :func:`list_models`), JSON path, dict or config object.
+
+    ``checkpoint`` may be the project's own single-file format (which carries its config, so ``name_or_config``
+    may then be omitted) or, for ``sam-*`` models, one of Meta's SAM checkpoints. Weights load strictly; missing or
+    unexpected keys and shape mismatches raise ``ValueError`` naming them. The model is returned in eval mode.
+    """
+    from . import checkpoint as ckpt
+
+    if name_or_config is None and checkpoint is None:
+        raise ValueError(f"build_ovsam needs a model name or a checkpoint; available models: {', '.join(list_models())}")
+    file_config = None
+    if checkpoint is not None and ckpt.is_project_checkpoint(checkpoint):
+        file_config = ckpt.read_config(checkpoint)
+    if name_or_config is None:
+        if file_config is None:
+            raise ValueError(
+                f"{checkpoint} is not a project checkpoint, so it carries no config; pass the model name too "
+                f"(one of: {', '.join(list_models())})"
+            )
+        config = file_config
+    else:
+        config = load_config(name_or_config)
+        if file_config is not None and file_config.name != config.name:
+            logger.info("checkpoint %s holds model '%s'; building that instead of '%s'", checkpoint,
+                        file_config.name, config.name)
+            config = file_config
+    model: nn.Module = build_model(config)
+    if checkpoint is not None:
+        state = ckpt.read_model_weights(checkpoint, config)
+        ckpt.load_state_dict_strict(model, state, source=str(checkpoint))
+    return model.to(device).eval()
+
+
+__all__ = ["Model", "build_model", "build_ovsam", "list_models"]
