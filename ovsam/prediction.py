@@ -26,8 +26,9 @@ class Prediction:
       boxes_xyxy: ``[N, 4]`` (or ``[N, M, 4]``) tight box of each mask in original pixels, exclusive max; zeros for
         an empty mask.
       labels: ``[N]`` vocabulary index of the best class (OV-SAM with a vocabulary), else None.
-      label_scores: ``[N, C]`` fused class probabilities (softmax of the fused log-scores over the C classes and
-        background, background dropped), else None.
+      label_scores: ``[N, C]`` fused class probabilities ``q_k^(1 - w v) * c_k^(w v)``: the weighted geometric mean
+        of the CLIP2SAM head's and the frozen CLIP's softmax probabilities (OVSAM_SPEC §1.9), 0 for excluded
+        classes; else None.
       label_names: names of ``labels``, else None.
       head_embeddings / clip_embeddings: ``[N, D]`` region embeddings of the CLIP2SAM head and the frozen-CLIP
         branch; with ``clip_valid`` ``[N]`` they re-score regions against any vocabulary.

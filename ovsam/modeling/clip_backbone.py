@@ -20,15 +20,23 @@ def create_clip(cfg: ClipConfig, pretrained: str | None = None) -> nn.Module:
 
     ``pretrained`` is an open_clip tag or a local checkpoint path; building a model from a config never downloads.
     """
+    import copy
+
     import open_clip
 
     if cfg.model_cfg is not None:
         if pretrained is not None:
             raise ValueError(f"CLIP '{cfg.name}' is defined inline (model_cfg); it has no pretrained weights to load")
-        return open_clip.CLIP(**dict(cfg.model_cfg))
-    if cfg.name not in open_clip.list_models():
-        raise ValueError(f"Unknown open_clip model '{cfg.name}'; see open_clip.list_models()")
-    return open_clip.create_model(cfg.name, pretrained=pretrained)
+        model_cfg = copy.deepcopy(dict(cfg.model_cfg))
+    else:
+        if cfg.name not in open_clip.list_models():
+            raise ValueError(f"Unknown open_clip model '{cfg.name}'; see open_clip.list_models()")
+        if pretrained is not None:
+            return open_clip.create_model(cfg.name, pretrained=pretrained)
+        model_cfg = copy.deepcopy(open_clip.get_model_config(cfg.name))
+    if model_cfg.pop("custom_text", False):
+        return open_clip.CustomTextCLIP(**model_cfg)
+    return open_clip.CLIP(**model_cfg)
 
 
 class ClipBackbone(nn.Module):

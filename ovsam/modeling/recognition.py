@@ -130,11 +130,10 @@ def fuse_scores(
 
 
 def fused_probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """Per-class confidences from fused log-scores: softmax over the ``C + 1`` entries, background dropped.
-
-    ``[N, C + 1]`` -> ``[N, C]``.
-    """
-    return torch.softmax(scores, dim=-1)[:, :-1]
+    """Per-class confidences from fused log-scores: ``exp(s_k) = q_k^(1 - w v) * c_k^(w v)``, the weighted geometric
+    mean of the head's and the frozen CLIP's class probabilities (just ``q_k`` where the CLIP branch is off or
+    gated); excluded classes get 0. ``[N, C + 1]`` -> ``[N, C]`` (background dropped)."""
+    return scores[:, :-1].exp()
 
 
 __all__ = [
