@@ -14,8 +14,9 @@ from .modeling import OvsamModel, SamModel
 from .prediction import Prediction
 from .predictor import OvsamPredictor
 from .prompts import PromptSet
+from .vocabulary import Vocabulary
 
 __all__ = [
     "OvsamConfig", "OvsamMaskGenerator", "OvsamModel", "OvsamPredictor", "Prediction", "PromptSet", "SamConfig",
-    "SamModel", "build_model", "build_ovsam", "list_models", "load_config", "predict_batch",
+    "SamModel", "Vocabulary", "build_model", "build_ovsam", "list_models", "load_config", "predict_batch",
 ]
