@@ -1,0 +1,174 @@
+"""The ``ovsam`` command.
+
+    ovsam weights                                        # the released weight files and where they come from
+    ovsam weights download sam_vit_h_4b8939.pth sam2clip_vith_rn50x16.pth clip2sam_coco_rn50x16.pth --dest weights
+    ovsam convert-official --clip openai --sam weights/sam_vit_h_4b8939.pth \\
+        --sam2clip weights/sam2clip_vith_rn50x16.pth --clip2sam weights/clip2sam_coco_rn50x16.pth \\
+        --vocabulary coco -o ovsam_coco.safetensors
+    ovsam models                                         # built-in model configs
+    ovsam demo --output demo_out                         # same as `python -m jobs.demo`
+
+Each subcommand is one function; heavy imports (torch, the model library) happen inside it, so ``ovsam --help``
+stays fast. Exit codes: 0 success, 1 a failed command (the message says why), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ovsam")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """List the released files: name, size, publisher, URL, contents and the project models they feed."""
+    from ovsam.weights import RELEASED_FILES
+
+    for entry in RELEASED_FILES:
+        print(f"{entry.name}  ({entry.approx_size}, {entry.publisher})")
+        print(f"    url:    {entry.url}")
+        print(f"    holds:  {entry.holds}")
+        print(f"    feeds:  {entry.feeds}")
+        check = ", ".join(part for part in (
+            f"size {entry.size_bytes} bytes" if entry.size_bytes is not None else "",
+            "sha256" if entry.sha256 is not None else "") if part)
+        print(f"    checks: {check or 'server Content-Length only'}")
+    print("\ndownload with: ovsam weights download NAME [NAME ...] [--dest DIR] [--base-url URL]")
+    return 0
+
+
+def cmd_weights_download(args: argparse.Namespace) -> int:
+    """Download each named file into ``--dest``; stop at the first failure."""
+    from ovsam.weights import download, get_released_file
+
+    entries = [get_released_file(name) for name in args.names]  # every name is checked before any download
+    for entry in entries:
+        path = download(entry, args.dest, base_url=args.base_url, progress=not args.quiet, force=args.force)
+        print(f"{entry.name}: {path}")
+    return 0
+
+
+def _require_file(path: Path, flag: str, hint: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file; {hint}")
+
+
+def cmd_convert_official(args: argparse.Namespace) -> int:
+    """Assemble the released OV-SAM files into one project checkpoint (``ovsam.checkpoint.convert_official``)."""
+    _require_file(args.sam, "--sam", "get it with `ovsam weights download sam_vit_h_4b8939.pth`")
+    _require_file(args.sam2clip, "--sam2clip", "get it with `ovsam weights download sam2clip_vith_rn50x16.pth`")
+    _require_file(args.clip2sam, "--clip2sam",
+                  "get it with `ovsam weights download clip2sam_coco_rn50x16.pth` (or the _lvis_ file)")
+    clip_path = Path(args.clip)
+    if (clip_path.suffix or "/" in args.clip) and not clip_path.is_file():
+        raise FileNotFoundError(f"--clip {args.clip}: no such file; pass the open_clip tag 'openai' or the path "
+                                f"of `ovsam weights download RN50x16.pt`")
+
+    from ovsam.checkpoint import convert_official
+
+    convert_official(clip=args.clip, sam=args.sam, sam2clip=args.sam2clip, clip2sam=args.clip2sam,
+                     output=args.output, vocabulary=args.vocabulary)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the built-in model configs with their descriptions."""
+    import ovsam
+
+    names = ovsam.list_models()
+    width = max(len(n) for n in names)
+    for name in names:
+        description = getattr(ovsam.load_config(name), "description", "")
+        print(f"{name:<{width}}  {description}".rstrip())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run ``jobs.demo`` with the parsed options."""
+    from jobs import demo
+
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs import demo
+
+    parser = argparse.ArgumentParser(
+        prog="ovsam", description="Open-Vocabulary SAM: segment and name objects, from one image to a corpus.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks on error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    weights = sub.add_parser("weights", help="list or download the released weight files",
+                             description="List the released weight files OV-SAM is assembled from, or download "
+                                         "them from their official locations (or a mirror).")
+    weights.set_defaults(func=cmd_weights)
+    weights_sub = weights.add_subparsers(dest="weights_command", metavar="{download}")
+    dl = weights_sub.add_parser("download", help="download released files into a directory",
+                                description="Download released files (names from `ovsam weights`); the file "
+                                            "appears under its final name only when complete and verified.")
+    dl.add_argument("names", nargs="+", metavar="NAME", help="released file name, e.g. sam_vit_h_4b8939.pth")
+    dl.add_argument("--dest", type=Path, default=Path("weights"), help="target directory (default: weights)")
+    dl.add_argument("--base-url", default=None,
+                    help="mirror to download <base-url>/<NAME> from instead of the official location")
+    dl.add_argument("--force", action="store_true", help="download again even if the file exists")
+    dl.add_argument("--quiet", action="store_true", help="no progress bar")
+    dl.set_defaults(func=cmd_weights_download)
+
+    conv = sub.add_parser("convert-official", help="convert the released OV-SAM files into one project checkpoint",
+                          description="Assemble OpenAI CLIP RN50x16, the SAM ViT-H prompt encoder and the released "
+                                      "SAM2CLIP and CLIP2SAM files into one project checkpoint for ovsam-rn50x16.")
+    conv.add_argument("--clip", required=True, metavar="PATH_OR_TAG",
+                      help="OpenAI CLIP RN50x16: the open_clip pretrained tag 'openai' or a path to RN50x16.pt")
+    conv.add_argument("--sam", required=True, type=Path, metavar="PATH", help="sam_vit_h_4b8939.pth")
+    conv.add_argument("--sam2clip", required=True, type=Path, metavar="PATH", help="sam2clip_vith_rn50x16.pth")
+    conv.add_argument("--clip2sam", required=True, type=Path, metavar="PATH",
+                      help="clip2sam_coco_rn50x16.pth or clip2sam_lvis_rn50x16.pth")
+    conv.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="checkpoint file to write")
+    conv.add_argument("--vocabulary", default=None,
+                      help="built-in vocabulary name (e.g. coco, lvis) handed to the conversion")
+    conv.set_defaults(func=cmd_convert_official)
+
+    models = sub.add_parser("models", help="list the built-in model configs")
+    models.set_defaults(func=cmd_models)
+
+    demo_parser = sub.add_parser("demo", help="run the demo (same as `python -m jobs.demo`)",
+                                 description=demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return its exit code.
+
+    Usage errors exit through argparse with code 2; a command that fails with ``ValueError`` or ``OSError``
+    prints ``ovsam COMMAND: error: ...`` to stderr and returns 1 (``-v`` re-raises it with the traceback).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as e:
+        if args.verbose:
+            raise
+        print(f"ovsam {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
