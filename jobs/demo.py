@@ -84,18 +84,6 @@ def make_scene(seed: int = 0, height: int = 384, width: int = 512) -> tuple[Any,
     return np.asarray(image), boxes, list(SHAPE_NAMES)
 
 
-def encode_masks(masks: Any) -> list[dict[str, Any]]:
-    """Boolean masks ``[N, H, W]`` -> COCO RLE dicts ``{"size": [H, W], "counts": str}`` (pycocotools)."""
-    import numpy as np
-    from pycocotools import mask as mask_utils
-
-    masks = np.asarray(masks, dtype=bool)
-    if masks.shape[0] == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
-
-
 def render_overlay(image: Any, prompt_boxes: Any, masks: Any, captions: list[str], alpha: float = 0.45) -> Any:
     """The image (``[H, W, 3]`` uint8) with each mask blended in ``alpha``, its prompt box and a caption.
 
@@ -127,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     import ovsam
+    from ovsam.masks import encode_rle
 
     torch.manual_seed(args.seed)
     model = ovsam.build_ovsam(args.model, checkpoint=args.checkpoint, device=args.device)
@@ -143,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     label_scores = np.asarray(pred.label_scores, dtype=np.float64)
     scores = label_scores[np.arange(len(labels)), labels]
     iou_scores = np.asarray(pred.iou_scores, dtype=np.float64)
-    rles = encode_masks(masks)
+    rles = encode_rle(masks)
 
     instances = []
     for i in range(len(labels)):

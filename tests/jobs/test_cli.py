@@ -138,11 +138,12 @@ def test_demo_rle_round_trips_and_overlay_marks_the_masks():
     import numpy as np
     from pycocotools import mask as mask_utils
 
-    from jobs.demo import encode_masks, render_overlay
+    from jobs.demo import render_overlay
+    from ovsam.masks import encode_rle
 
     rng = np.random.default_rng(0)
     masks = rng.random((2, 80, 100)) > 0.5
-    rles = encode_masks(masks)
+    rles = encode_rle(masks)
     assert all(isinstance(r["counts"], str) and r["size"] == [80, 100] for r in rles)
     decoded = mask_utils.decode([{"size": r["size"], "counts": r["counts"].encode()} for r in rles])
     assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks)
