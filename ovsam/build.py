@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .config import ModelConfig, OvsamConfig, SamConfig, list_models, load_config
+from .config import ModelConfig, SamConfig, list_models, load_config
 from .modeling import OvsamModel, SamModel
 from .modeling.clip_backbone import create_clip, get_tokenizer
 
