@@ -1,0 +1,105 @@
+"""The model stage: proposals -> OV-SAM -> RLE rows, with failures isolated per sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ovsam.masks import decode_rle
+from pipeline.proposals import Proposals, parse_prompt_mode
+from pipeline.stages import Annotator, ModelStageConfig, SampleInput
+
+
+def _image(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
+    img[h // 4 : h // 2, w // 4 : w // 2] = (220, 30, 30)
+    return img
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "classes.txt"
+    path.write_text("red square\nblue circle\ngreen triangle\n")
+    return str(path)
+
+
+def _sample(key, h=120, w=160, boxes=None, points=None, seed=0):
+    img = _image(h, w, seed)
+    props = Proposals(boxes=np.zeros((0, 4)) if boxes is None else np.asarray(boxes, float),
+                      points=np.zeros((0, 2)) if points is None else np.asarray(points, float))
+    props.scores = [None] * props.boxes.shape[0]
+    props.labels = [None] * props.boxes.shape[0]
+    return SampleInput(key=key, image=img, width=w, height=h, source_format="png", proposals=props)
+
+
+def test_rows_for_boxes_and_points(vocab_file):
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, top_k=2, store_embeddings=True))
+    samples = [
+        _sample("a", boxes=[[10, 10, 80, 60], [0, 0, 160, 120]], points=[[40, 40]]),
+        _sample("b", h=90, w=70, seed=1, points=[[10, 10], [50, 60]]),
+        SampleInput(key="c", image=None, status="decode_error", error="truncated JPEG"),
+        _sample("d"),
+    ]
+    out = ann(samples)
+    assert [r.image_row["image_key"] for r in out] == ["a", "b", "c", "d"]
+    a, b, c, d = out
+    assert a.image_row["status"] == "ok" and a.image_row["num_instances"] == 3
+    assert [r["prompt_type"] for r in a.instance_rows] == ["box", "box", "point"]
+    assert [r["instance_index"] for r in a.instance_rows] == [0, 1, 2]
+    for row in a.instance_rows + b.instance_rows:
+        mask = decode_rle([row["mask_rle"]])[0]
+        assert row["area"] == int(mask.sum())
+        assert len(row["topk_labels"]) == 2 and row["topk_labels"][0] == row["label"]
+        assert len(row["head_embedding"]) == 64
+    assert decode_rle([b.instance_rows[0]["mask_rle"]])[0].shape == (90, 70)
+    assert c.image_row["status"] == "decode_error" and c.image_row["error"] == "truncated JPEG" and not c.instance_rows
+    assert d.image_row["status"] == "no_prompts" and not d.instance_rows
+
+
+def test_model_failure_is_isolated(vocab_file, monkeypatch):
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, prompts="whole-image"))
+    import ovsam.batch as batch
+
+    real = batch.prepare_image
+
+    def flaky(model, image, image_format="RGB"):
+        if image.shape[0] == 77:
+            raise RuntimeError("device fell over")
+        return real(model, image, image_format)
+
+    monkeypatch.setattr(batch, "prepare_image", flaky)
+    out = ann([_sample("good"), _sample("bad", h=77), _sample("good2", seed=2)])
+    assert [r.image_row["status"] for r in out] == ["ok", "model_error", "ok"]
+    assert "device fell over" in out[1].image_row["error"]
+    assert all(len(r.instance_rows) == 1 for r in (out[0], out[2]))
+
+
+def test_grid_and_detector_modes(vocab_file, tmp_path):
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, prompts="grid", points_per_side=4,
+                                     stability_score_thresh=0.0))
+    out = ann([_sample("g")])
+    assert out[0].image_row["status"] == "ok"
+    assert all(r["prompt_type"] == "grid" for r in out[0].instance_rows)
+
+    import torchvision
+
+    det = torchvision.models.get_model("ssdlite320_mobilenet_v3_large", weights=None, weights_backbone=None)
+    torch.save(det.state_dict(), tmp_path / "ssd.pth")
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, prompts="detector:ssdlite320_mobilenet_v3_large",
+                                     detector_weights=str(tmp_path / "ssd.pth"), detector_score_thresh=0.0,
+                                     max_detections=3))
+    out = ann([_sample("x")])
+    rows = out[0].instance_rows
+    assert len(rows) == 3 and all(r["prompt_type"] == "detector" for r in rows)
+    assert all(isinstance(r["detector_score"], float) and isinstance(r["detector_label"], str) for r in rows)
+
+
+def test_prompt_mode_parsing():
+    assert parse_prompt_mode("detector:fasterrcnn_resnet50_fpn_v2") == ("detector", "fasterrcnn_resnet50_fpn_v2")
+    assert parse_prompt_mode("grid") == ("grid", None)
+    with pytest.raises(ValueError, match="unknown --prompts"):
+        parse_prompt_mode("boxes")
+    with pytest.raises(ValueError, match="needs a model name"):
+        parse_prompt_mode("detector")
