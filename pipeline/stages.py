@@ -193,6 +193,11 @@ class Annotator:
                     row["clip_embedding"] = pred.clip_embeddings[j].astype(np.float16).tolist()
                     row["clip_valid"] = bool(pred.clip_valid[j])
             rows.append(row)
+        if self.config.store_embeddings:
+            # labels from the stored float16 embeddings, so re-labelling with the same vocabulary reproduces them
+            from .export import relabel_rows
+
+            rows = relabel_rows(rows, self.vocabulary, self.model.config.recognition, k)
         return rows
 
     def _grid(self, s: SampleInput) -> SampleResult:
