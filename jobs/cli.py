@@ -78,7 +78,7 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     from ovsam.checkpoint import convert_official
 
     convert_official(clip=args.clip, sam=args.sam, sam2clip=args.sam2clip, clip2sam=args.clip2sam,
-                     output=args.output, vocabulary=args.vocabulary)
+                     output=args.output, vocabulary=args.vocabulary, roi_size=args.roi_size)
     print(f"wrote {args.output}")
     return 0
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help="checkpoint file to write")
     conv.add_argument("--vocabulary", default=None,
                       help="built-in vocabulary name (e.g. coco, lvis) handed to the conversion")
+    conv.add_argument("--roi-size", type=int, default=None,
+                      help="head RoIAlign size (default 12; 7 with --vocabulary lvis, as published for LVIS)")
     conv.set_defaults(func=cmd_convert_official)
 
     models = sub.add_parser("models", help="list the built-in model configs")

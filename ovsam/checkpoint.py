@@ -2,20 +2,28 @@
 
 Project format: one safetensors file whose metadata holds ``format``, ``format_version``, the model config JSON,
 and optionally a vocabulary reference; tensors are the model's state dict. Foreign files (Meta's SAM checkpoints,
-the released OV-SAM ``.pth`` files) load through ``torch.load(weights_only=True)``.
+the released OV-SAM ``.pth`` files, CLIP weights) are read with safetensors or ``torch.load(weights_only=True)``,
+never with plain pickle; OpenAI's TorchScript CLIP archives are read with ``torch.jit.load`` (OVSAM_SPEC §2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import warnings
+import zipfile
+from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
-from .config import ModelConfig, config_from_dict
+from .config import ClipConfig, ModelConfig, OvsamConfig, SamConfig, config_from_dict, list_models, load_config
+
+if TYPE_CHECKING:
+    from .modeling import OvsamModel
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ def is_project_checkpoint(path: str | Path) -> bool:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty if it has none)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -71,7 +80,16 @@ def save_checkpoint(
         meta["vocabulary"] = json.dumps(dict(vocabulary))
     if extra:
         meta.update({str(k): str(v) for k, v in extra.items()})
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        storage = v.untyped_storage()
+        # safetensors refuses tensors that share memory; copy only views and aliases (the usual state dict has none)
+        if storage.data_ptr() in storages or storage.nbytes() != v.numel() * v.element_size():
+            v = v.clone()
+        storages.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -81,7 +99,8 @@ def save_checkpoint(
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file: safetensors, or a pickle read with ``weights_only=True``.
 
-    A ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped.
+    A ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped. A pickle holding anything but tensors and
+    plain containers (custom classes, code) is refused with ``ValueError`` before any of it runs.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,15 +109,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    if _is_torchscript(path):
+        raise ValueError(f"{path} is a TorchScript archive, not a weights-only checkpoint; only CLIP weights are "
+                         "accepted in that form (OpenAI's RN50x16.pt, see read_clip_state_dict)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles with code objects are refused by weights_only
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # weights_only refuses pickles that would construct arbitrary objects
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only checkpoint ({type(e).__name__}: {e}). Only tensors in plain "
+            "dicts are accepted; re-save the state dict alone (torch.save(model.state_dict(), path)) or as "
+            "safetensors"
+        ) from e
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+        kinds = sorted({type(v).__name__ for v in obj.values()}) if isinstance(obj, Mapping) else []
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}"
+                         + (f" with values of types {kinds}" if kinds else ""))
     return dict(obj)
 
 
@@ -106,42 +134,177 @@ def read_model_weights(path: str | Path, config: ModelConfig) -> dict[str, torch
     """State dict for ``config`` from a project checkpoint or (for SAM configs) a Meta SAM checkpoint.
 
     A released OV-SAM part or a SAM checkpoint given for an OV-SAM model is refused with a pointer to
-    :func:`convert_official`.
+    :func:`convert_official`; a SAM checkpoint of another size than ``config`` is refused naming both sizes.
     """
     state = read_state_dict(path)
-    if config.kind == "ovsam" and not is_project_checkpoint(path):
-        prefixes = {k.split(".", 1)[0] for k in state}
+    if is_project_checkpoint(path):
+        return state
+    if config.kind == "ovsam":
+        prefixes = _prefixes(state)
         if "image_encoder" in prefixes:
             raise ValueError(f"{path} is a SAM checkpoint (image_encoder.*); load it into a sam-* model, or "
                              "assemble OV-SAM from the released files with `ovsam convert-official`")
-        if prefixes & {"neck_student", "fpn_neck", "mask_decoder"}:
-            raise ValueError(f"{path} is a released OV-SAM part ({', '.join(sorted(prefixes))}); assemble the "
+        if set(prefixes) & {"neck_student", "fpn_neck", "mask_decoder"}:
+            raise ValueError(f"{path} is a released OV-SAM part ({_prefix_summary(state)}); assemble the "
                              "model with `ovsam convert-official` first")
+    elif isinstance(config, SamConfig):
+        _check_sam_state(state, config, str(path))
     return state
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``model``; raise ``ValueError`` naming missing/unexpected keys and shape mismatches."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        raise ValueError(_key_report(source, missing, unexpected, mismatched))
+    problems = _check_part(model.state_dict(), state, source)
+    if problems:
+        raise ValueError(problems)
     model.load_state_dict(state, strict=True)
 
 
-def _key_report(source: str, missing: list[str], unexpected: list[str], mismatched: list[str], limit: int = 20) -> str:
+def load_sam_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load one of Meta's SAM checkpoints (``sam_vit_{h,l,b}_*.pth``) into a :class:`~ovsam.modeling.SamModel`.
+
+    The file is a bare state dict with ``image_encoder.*``, ``prompt_encoder.*`` and ``mask_decoder.*`` keys, exactly
+    ``segment_anything``'s names. Loading is strict; a file of another SAM size, or not a SAM file at all, raises
+    ``ValueError`` naming the keys and the model the file belongs to; a model that is not a SAM model raises
+    ``TypeError``. ``build_ovsam("sam-vit-b", checkpoint=path)`` loads the same way.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, SamConfig):
+        raise TypeError(f"load_sam_checkpoint loads into a SAM model (sam-*); got {type(model).__name__}")
+    state = read_model_weights(path, config)
+    load_state_dict_strict(model, state, source=str(path))
+
+
+def _check_sam_state(state: Mapping[str, torch.Tensor], config: SamConfig, source: str) -> None:
+    prefixes = _prefixes(state)
+    if "image_encoder" not in prefixes:
+        if "vision_encoder" in prefixes:
+            hint = "it looks like a Hugging Face transformers SamModel; use Meta's original sam_vit_*.pth"
+        elif set(prefixes) & {"neck_student", "fpn_neck"}:
+            hint = "it is a released OV-SAM part; assemble OV-SAM with `ovsam convert-official`"
+        else:
+            hint = "expected Meta's layout (image_encoder.*, prompt_encoder.*, mask_decoder.*)"
+        raise ValueError(f"{source} is not a SAM checkpoint: found {_prefix_summary(state)}; {hint}")
+    embed_key = "image_encoder.patch_embed.proj.weight"
+    if embed_key not in state:
+        return  # the strict load names it as missing
+    width = int(state[embed_key].shape[0])
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    if (width, depth) != (config.encoder_embed_dim, config.encoder_depth):
+        sizes = {}
+        for name in list_models():
+            other = load_config(name)
+            if isinstance(other, SamConfig):
+                sizes.setdefault((other.encoder_embed_dim, other.encoder_depth), name)
+        match = sizes.get((width, depth))
+        raise ValueError(
+            f"{source}: the image encoder has width {width} ({embed_key} {tuple(state[embed_key].shape)}) and "
+            f"{depth} blocks (image_encoder.blocks.*), but model '{config.name}' expects width "
+            f"{config.encoder_embed_dim} and {config.encoder_depth} blocks"
+            + (f"; this file is a '{match}' checkpoint, build that model instead" if match else "")
+        )
+
+
+def _prefixes(state: Mapping[str, Any]) -> dict[str, int]:
+    return dict(sorted(Counter(k.split(".", 1)[0] for k in state).items()))
+
+
+def _prefix_summary(state: Mapping[str, Any]) -> str:
+    found = _prefixes(state)
+    return ", ".join(f"{p}.* ({n})" for p, n in found.items()) if found else "no keys"
+
+
+def _check_part(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> str:
+    """An empty string if ``got`` has exactly ``expected``'s keys and shapes, else a report naming the keys."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    mismatched = sorted(
+        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape)
+    )
+    if not (missing or unexpected or mismatched):
+        return ""
+    limit = 20
     lines = [f"{source}: state dict does not match the model"]
     for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
         if keys:
             shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
             lines.append(f"  {len(keys)} {title}: {shown}")
     return "\n".join(lines)
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP weights
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Integer entries OpenAI's CLIP files carry next to the weights; open_clip drops them too.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def download_clip_weights(clip: ClipConfig, tag: str) -> Path:
+    """The local file of open_clip's pretrained weights ``tag`` for ``clip.name``, downloading into open_clip's
+    cache if needed (``open_clip.pretrained.download_pretrained``: the Hugging Face Hub copy when
+    ``huggingface_hub`` is installed, else the original URL, e.g. OpenAI's TorchScript ``RN50x16.pt``)."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    if clip.model_cfg is not None:
+        raise ValueError(f"CLIP '{clip.name}' is defined inline (model_cfg) and has no pretrained tags; pass a file")
+    cfg = get_pretrained_cfg(clip.name, tag)
+    if not cfg:
+        tags = list_pretrained_tags_by_model(clip.name)
+        raise ValueError(f"CLIP {tag!r} is neither a file nor an open_clip pretrained tag of '{clip.name}'; "
+                         f"available tags: {', '.join(tags) or 'none'}")
+    try:
+        path = download_pretrained(cfg)
+    except Exception as e:
+        raise OSError(f"could not fetch open_clip weights '{clip.name}' / '{tag}' ({type(e).__name__}: {e}); "
+                      "download the file yourself (OpenAI's RN50x16.pt: `ovsam weights download RN50x16.pt`) and "
+                      "pass its path") from e
+    if not path:
+        raise OSError(f"open_clip returned no file for '{clip.name}' / '{tag}'")
+    return Path(path)
+
+
+def read_clip_state_dict(clip: str | Path, config: OvsamConfig) -> dict[str, torch.Tensor]:
+    """CLIP weights in open_clip's key layout (for OpenAI's RN models, OpenAI's own) as float32.
+
+    ``clip`` is an existing local file or else an open_clip pretrained tag (``openai``), fetched with
+    :func:`download_clip_weights`. A file may be an OpenAI TorchScript archive (``RN50x16.pt``; read with
+    ``torch.jit.load``, which runs TorchScript, not pickled Python), a safetensors file, or a plain state dict
+    (OpenAI or open_clip layout, optionally wrapped in ``state_dict`` and/or prefixed ``module.``) read with
+    ``weights_only=True``. OpenAI's ``input_resolution``/``context_length``/``vocab_size`` entries (and a traced
+    model's ``attn_mask``) are dropped; floating tensors are cast to float32 (OpenAI stores most weights in
+    float16), as open_clip does.
+    """
+    path = Path(str(clip))
+    if not path.is_file():
+        if path.suffix or len(path.parts) > 1:
+            raise ValueError(f"CLIP file not found: {path}")
+        path = download_clip_weights(config.clip, str(clip))
+    if _is_torchscript(path):
+        with warnings.catch_warnings():  # torch now marks torch.jit.load deprecated; OpenAI ships CLIP only this way
+            warnings.simplefilter("ignore", FutureWarning)
+            state: Mapping[str, torch.Tensor] = torch.jit.load(str(path), map_location="cpu").state_dict()
+        # A traced open_clip model stores its causal mask, a non-persistent buffer rebuilt at construction.
+        state = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] != "attn_mask"}
+    else:
+        state = read_state_dict(path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    logger.info("%s (clip): %d tensors under %s", path, len(state), _prefix_summary(state))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,52 +318,6 @@ RELEASED_PARTS = (
     ("clip2sam", "fpn_neck", "fpn_neck"),
     ("clip2sam", "mask_decoder", "mask_decoder"),
 )
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    p = prefix + "."
-    return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
-
-
-def _check_part(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> list[str]:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = sorted(
-        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        return [_key_report(source, missing, unexpected, mismatched)]
-    return []
-
-
-def read_clip_state_dict(clip: str | Path, config: Any) -> dict[str, torch.Tensor]:
-    """CLIP weights in open_clip's layout (which for OpenAI RN models is OpenAI's own) as float32.
-
-    ``clip`` is an open_clip pretrained tag (e.g. ``openai``; open_clip downloads into its cache) or a local file:
-    an OpenAI TorchScript archive (``RN50x16.pt``; its tensors are read with ``torch.jit.load``, which runs no
-    pickled Python), a safetensors file or a plain state dict (read with ``weights_only=True``).
-    """
-    path = Path(str(clip))
-    if path.is_file():
-        import zipfile
-
-        state: Mapping[str, torch.Tensor] | None = None
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                is_torchscript = any(n.endswith("/code/__torch__.py") or "/code/" in n for n in z.namelist())
-            if is_torchscript:
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        if state is None:
-            state = read_state_dict(path)
-    else:
-        from .modeling.clip_backbone import create_clip
-
-        if config.clip.model_cfg is not None:
-            raise ValueError(f"--clip {clip!r} is not a file, and CLIP '{config.clip.name}' has no pretrained tags")
-        state = create_clip(config.clip, pretrained=str(clip)).state_dict()
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
 
 
 def convert_official(
@@ -213,93 +330,125 @@ def convert_official(
     model: str = "ovsam-rn50x16",
     roi_size: int | None = None,
     vocabulary: str | None = None,
-) -> nn.Module:
+) -> OvsamModel:
     """Assemble the published OV-SAM from its released files and optionally save it in the project format.
 
     Arguments:
       clip: OpenAI CLIP RN50x16: an open_clip tag (``openai``) or a local file (see :func:`read_clip_state_dict`).
-      sam: a SAM ViT-H checkpoint; its ``prompt_encoder.*`` keys are used.
-      sam2clip: ``sam2clip_vith_rn50x16.pth`` (``neck_student.*``).
-      clip2sam: ``clip2sam_{coco,lvis}_rn50x16.pth`` (``fpn_neck.*`` and ``mask_decoder.*``).
-      output: where to write the project checkpoint (config + weights), or None.
-      roi_size: the head's RoIAlign size; default 12, or 7 with ``vocabulary='lvis'`` (the published LVIS test
-        configuration; the CLIP2SAM heads were trained at 12).
-      vocabulary: the default vocabulary recorded in the checkpoint (a built-in name or a path), or None.
+        Its ``visual.*`` keys become ``backbone.visual.*``, the rest (text tower) ``text.clip.*``.
+      sam: a SAM ViT-H checkpoint (``sam_vit_h_4b8939.pth``); its ``prompt_encoder.*`` keys are used, the rest
+        ignored.
+      sam2clip: ``sam2clip_vith_rn50x16.pth``; ``neck_student.*`` becomes ``neck.*``.
+      clip2sam: ``clip2sam_{coco,lvis}_rn50x16.pth``; ``fpn_neck.*`` and ``mask_decoder.*`` are used as they are.
+        A ``pe.*`` copy of the prompt encoder, if present, is compared with the SAM file's and not used.
+      output: where to write the project checkpoint (config + weights), or None. ``build_ovsam(checkpoint=output)``
+        rebuilds the returned model from it alone.
+      model: the model config to build (``ovsam-rn50x16``; other OV-SAM configs for files in the same layout).
+      roi_size: the head's RoIAlign output size. None keeps the config's (12, the CLIP2SAM training size and the
+        published COCO test setting), except with ``vocabulary='lvis'``, which selects 7 as the published LVIS
+        test configuration does. The changed config is what gets saved.
+      vocabulary: a vocabulary name recorded in the saved checkpoint's metadata, or None.
 
-    Every file may be a bare state dict or wrapped as ``{'state_dict': ...}``. Loading is strict per file: missing,
-    unexpected and mis-shaped keys are reported with the file's name. Returns the model in eval mode.
+    Every released file may be a bare state dict or wrapped as ``{'state_dict': ...}``. Checks are strict and all
+    run before anything is built: each part must hold every expected key with the expected shape and no other key
+    under its prefix; the ``ValueError`` lists every problem by file, prefix and key. Returns the model in eval mode.
     """
-    import dataclasses
-
     from .build import build_model
-    from .config import OvsamConfig, load_config
 
     config = load_config(model)
     if not isinstance(config, OvsamConfig):
-        raise ValueError(f"convert_official builds OV-SAM models; '{model}' is a {config.kind} model")
+        choices = [n for n in list_models() if load_config(n).kind == "ovsam"]
+        raise ValueError(f"convert_official builds OV-SAM models; '{model}' is a {config.kind} model "
+                         f"(OV-SAM models: {', '.join(choices)})")
     if roi_size is None and vocabulary == "lvis":
         roi_size = 7
     if roi_size is not None:
-        config = dataclasses.replace(config, recognition=dataclasses.replace(config.recognition, roi_size=roi_size))
+        if int(roi_size) < 1:
+            raise ValueError(f"roi_size must be a positive integer, got {roi_size}")
+        config = dataclasses.replace(
+            config, recognition=dataclasses.replace(config.recognition, roi_size=int(roi_size)))
+    elif "lvis" in f"{vocabulary or ''} {Path(clip2sam).name}".lower():
+        logger.warning("converting for LVIS with the %dx%d head RoI; the published LVIS test configuration uses "
+                       "7x7 (pass roi_size=7)", config.recognition.roi_size, config.recognition.roi_size)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         expected = build_model(config).state_dict()
-    files = {"sam": Path(sam), "sam2clip": Path(sam2clip), "clip2sam": Path(clip2sam)}
-    states = {role: read_state_dict(path) for role, path in files.items()}
-    for role, state in states.items():
-        prefixes = sorted({k.split(".", 1)[0] for k in state})
-        logger.info("%s (%s): %d tensors under prefixes %s", files[role], role, len(state), prefixes)
 
+    files = {"sam": Path(sam), "sam2clip": Path(sam2clip), "clip2sam": Path(clip2sam)}
+    states = {}
+    for role, path in files.items():
+        states[role] = read_state_dict(path)
+        logger.info("%s (%s): %d tensors under %s", path, role, len(states[role]), _prefix_summary(states[role]))
     merged: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for role, file_prefix, module in RELEASED_PARTS:
         part = _strip_prefix(states[role], file_prefix)
-        want = _strip_prefix(expected, module)
         if not part:
-            found = sorted({k.split(".", 1)[0] for k in states[role]})
-            problems.append(f"{files[role]}: no '{file_prefix}.*' keys (found prefixes {found}); is this the "
-                            f"{role} file?")
+            problems.append(f"{files[role]}: no '{file_prefix}.*' keys (found {_prefix_summary(states[role])}); "
+                            f"is this the {role} file?")
             continue
-        problems += _check_part(want, part, f"{files[role]} ['{file_prefix}.*']")
+        problems.append(_check_part(_strip_prefix(expected, module), part, f"{files[role]} ['{file_prefix}.*']"))
         merged.update({f"{module}.{k}": v for k, v in part.items()})
-    pe = _strip_prefix(states["clip2sam"], "pe")
-    if pe:
-        sam_pe = _strip_prefix(states["sam"], "prompt_encoder")
-        same = set(pe) == set(sam_pe) and all(torch.equal(pe[k], sam_pe[k]) for k in pe)
-        if not same:
-            logger.warning("%s holds a prompt encoder ('pe.*') that differs from %s; using the SAM one, as "
-                           "published", files["clip2sam"], files["sam"])
+    _compare_pe_copy(states, files)
 
     clip_state = read_clip_state_dict(clip, config)
-    visual = {k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
+    visual = _strip_prefix(clip_state, "visual")
     text = {k: v for k, v in clip_state.items() if not k.startswith("visual.")}
-    problems += _check_part(_strip_prefix(expected, "backbone.visual"), visual, f"CLIP {clip} ['visual.*']")
-    problems += _check_part(_strip_prefix(expected, "text.clip"), text, f"CLIP {clip} [text tower]")
+    problems.append(_check_part(_strip_prefix(expected, "backbone.visual"), visual, f"CLIP {clip} ['visual.*']"))
+    problems.append(_check_part(_strip_prefix(expected, "text.clip"), text, f"CLIP {clip} [text tower]"))
     merged.update({f"backbone.visual.{k}": v for k, v in visual.items()})
     merged.update({f"text.clip.{k}": v for k, v in text.items()})
+    problems = [p for p in problems if p]
     if problems:
         raise ValueError("cannot assemble the published model:\n" + "\n".join(problems))
+    del states, clip_state
+
     net = build_model(config)
     load_state_dict_strict(net, merged, source="released OV-SAM files")
     net.eval()
     if output is not None:
         extra = {"source_" + role: path.name for role, path in files.items()}
-        extra["source_clip"] = str(clip) if not Path(str(clip)).is_file() else Path(str(clip)).name
+        extra["source_clip"] = Path(str(clip)).name
         save_checkpoint(net, output, vocabulary=None if vocabulary is None else {"name": vocabulary}, extra=extra)
+        logger.info("wrote %s (model '%s', head RoI %d)", output, config.name, config.recognition.roi_size)
     return net
 
 
-def export_released(model: nn.Module, out_dir: str | Path, stem: str = "") -> dict[str, Path]:
-    """Write ``model``'s neck, FPN and head in the released layout: ``sam2clip{stem}.pth`` (``neck_student.*``)
-    and ``clip2sam{stem}.pth`` (``fpn_neck.*``, ``mask_decoder.*``), as bare float32 state dicts."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _compare_pe_copy(states: Mapping[str, Mapping[str, torch.Tensor]], files: Mapping[str, Path]) -> None:
+    pe = _strip_prefix(states["clip2sam"], "pe")
+    if not pe:
+        return
+    sam_pe = _strip_prefix(states["sam"], "prompt_encoder")
+    differ = sorted(set(pe) ^ set(sam_pe)) + sorted(
+        k for k in set(pe) & set(sam_pe) if pe[k].shape != sam_pe[k].shape or not torch.equal(pe[k], sam_pe[k]))
+    if differ:
+        logger.warning("%s holds a prompt encoder copy ('pe.*') that differs from %s ['prompt_encoder.*'] at %s; "
+                       "using the SAM file's, as the published model does", files["clip2sam"], files["sam"],
+                       ", ".join(differ[:10]) + (f", ... ({len(differ) - 10} more)" if len(differ) > 10 else ""))
+    else:
+        logger.info("%s: its 'pe.*' copy equals the SAM prompt encoder", files["clip2sam"])
+
+
+def export_released(model: nn.Module, out_dir: str | Path, *, stem: str = "") -> dict[str, Path]:
+    """Write ``model``'s neck, FPN and head in the released layout, the inverse of :func:`convert_official`.
+
+    Writes ``out_dir/sam2clip{stem}.pth`` (``neck_student.*``) and ``out_dir/clip2sam{stem}.pth`` (``fpn_neck.*``,
+    ``mask_decoder.*``) as bare state dicts of the model's tensors (float32 for the published model), each file
+    atomically. Returns ``{"sam2clip": path, "clip2sam": path}``.
+    """
     state = model.state_dict()
     groups: dict[str, dict[str, torch.Tensor]] = {"sam2clip": {}, "clip2sam": {}}
     for role, file_prefix, module in RELEASED_PARTS:
         if role == "sam":
             continue
-        for k, v in _strip_prefix(state, module).items():
-            groups[role][f"{file_prefix}.{k}"] = v.detach().cpu().clone()
+        part = _strip_prefix(state, module)
+        if not part:
+            raise TypeError(f"export_released needs an OV-SAM model with a '{module}' submodule; "
+                             f"{type(model).__name__} has none")
+        groups[role].update({f"{file_prefix}.{k}": v.detach().cpu().clone() for k, v in part.items()})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for role, tensors in groups.items():
         path = out_dir / f"{role}{stem}.pth"
