@@ -86,10 +86,10 @@ def test_convert_official_calls_the_converter(tmp_path, monkeypatch, capsys):
     out = tmp_path / "ovsam_coco.safetensors"
     code = main(["convert-official", "--clip", "openai", "--sam", str(files["sam"]), "--sam2clip",
                  str(files["sam2clip"]), "--clip2sam", str(files["clip2sam"]), "-o", str(out),
-                 "--vocabulary", "coco"])
+                 "--vocabulary", "coco", "--roi-size", "7"])
     assert code == 0
     assert seen == {"clip": "openai", "sam": files["sam"], "sam2clip": files["sam2clip"],
-                    "clip2sam": files["clip2sam"], "output": out, "vocabulary": "coco"}
+                    "clip2sam": files["clip2sam"], "output": out, "vocabulary": "coco", "roi_size": 7}
     assert str(out) in capsys.readouterr().out
 
 
