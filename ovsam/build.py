@@ -18,14 +18,20 @@ logger = logging.getLogger(__name__)
 Model = OvsamModel | SamModel
 
 
-def build_model(config: ModelConfig) -> Model:
-    """Random-init model for ``config`` (the published training initialisation for FPN and ``roi_conv``)."""
-    if isinstance(config, SamConfig):
-        return SamModel(config).eval()
-    clip = create_clip(config.clip)
-    model = OvsamModel(config, clip, get_tokenizer(config.clip))
-    model.fpn_neck.init_weights()
-    model.mask_decoder.init_roi_conv()
+def build_model(config: ModelConfig, seed: int = 0) -> Model:
+    """Random-init model for ``config`` (the published training initialisation for FPN and ``roi_conv``).
+
+    The initialisation is seeded (without touching the global RNG), so every process that builds the same
+    config without a checkpoint gets the same weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(config, SamConfig):
+            return SamModel(config).eval()
+        clip = create_clip(config.clip)
+        model = OvsamModel(config, clip, get_tokenizer(config.clip))
+        model.fpn_neck.init_weights()
+        model.mask_decoder.init_roi_conv()
     return model.eval()
 
 

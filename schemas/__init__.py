@@ -1,4 +1,7 @@
-"""Record formats: Arrow schemas and dataclasses for annotation output, shard manifests and training samples.
+"""Record formats: Arrow schemas of the annotation output (see ``schemas.annotation``)."""
 
-Not implemented yet; see ARCHITECTURE.md for the design it is built to.
-"""
+from .annotation import (IMAGES_SCHEMA, INSTANCES_SCHEMA, SCHEMA_VERSION, STATUSES, images_table, instances_table,
+                         schema_metadata)
+
+__all__ = ["IMAGES_SCHEMA", "INSTANCES_SCHEMA", "SCHEMA_VERSION", "STATUSES", "images_table", "instances_table",
+           "schema_metadata"]

@@ -105,3 +105,10 @@ def test_bad_values_are_refused():
     data["resize"] = "bicubic"
     with pytest.raises(ValueError, match="resize must be one of"):
         OvsamConfig.from_dict(data)
+
+
+def test_random_init_is_reproducible_across_builds():
+    a = build_ovsam("ovsam-tiny").state_dict()
+    torch.manual_seed(123)
+    b = build_ovsam("ovsam-tiny").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

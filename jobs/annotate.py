@@ -1,0 +1,229 @@
+"""``ovsam annotate``: WebDataset shards -> OV-SAM on Ray actors -> Parquet, exactly once.
+
+Launch:
+
+    ovsam annotate --input 'data/shards/shard-{000000..000009}.tar' --output out/ --model ovsam-tiny \\
+        --vocabulary coco
+    python -m jobs.annotate --input s3://bucket/corpus/shard-{000000..004095}.tar --output s3://bucket/ann/ \\
+        --model ovsam-rn50x16 --checkpoint ovsam_coco.safetensors --vocabulary lvis --prompts sidecar
+    ray job submit --working-dir . -- python -m jobs.annotate --input ... --output ...
+
+A rerun with the same arguments skips committed shards; a rerun with a different model, weights, vocabulary or
+thresholds into the same output is refused (use a new --output, or --overwrite to discard the old run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """The resolved job configuration. ``storage_options`` never enters ``run.json``, manifests or logs."""
+
+    inputs: tuple[str, ...]
+    output: str
+    model: str = "ovsam-tiny"
+    checkpoint: str | None = None
+    vocabulary: str = "coco"
+    prompts: str = "sidecar"
+    detector_weights: str | None = None
+    detector_score_thresh: float = 0.5
+    max_detections: int = 100
+    top_k: int = 5
+    store_embeddings: bool = False
+    points_per_side: int = 16
+    batch_size: int = 8
+    workers: int | None = None
+    num_gpus_per_worker: float | None = None
+    cpus_per_worker: float | None = None
+    max_pixels: int = 64 * 1024 * 1024
+    limit: int | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    ray_address: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", dest="inputs", action="append", required=True, metavar="URLS",
+                   help="shard URLs: a glob, a brace range (shard-{000000..000999}.tar) or a file listing URLs; "
+                        "repeatable")
+    p.add_argument("--output", required=True, help="output URL (local path, s3://, gs://, ...)")
+    p.add_argument("--model", default="ovsam-tiny", help="model name (see `ovsam models`)")
+    p.add_argument("--checkpoint", default=None, help="project checkpoint file for the model")
+    p.add_argument("--vocabulary", default="coco",
+                   help="built-in (coco, lvis, imagenet21k), a text class list, or a saved vocabulary")
+    p.add_argument("--prompts", default="sidecar",
+                   help="sidecar (boxes/points in each sample's json), detector:<torchvision model>, grid, "
+                        "whole-image (default: sidecar)")
+    p.add_argument("--detector-weights", default=None, help="state dict for --prompts detector:<name>")
+    p.add_argument("--detector-score-thresh", type=float, default=0.5)
+    p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=5, help="alternative labels stored per instance")
+    p.add_argument("--store-embeddings", action="store_true",
+                   help="store float16 region embeddings so `ovsam relabel` can re-label without the images")
+    p.add_argument("--points-per-side", type=int, default=16, help="grid density for --prompts grid")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model batch")
+    p.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, else per CPU)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=None)
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024, help="larger images are refused")
+    p.add_argument("--limit", type=int, default=None, help="process at most this many pending shards")
+    p.add_argument("--dry-run", action="store_true", help="list shards and estimate the work; write nothing")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run with another config")
+    p.add_argument("--storage-options", default="{}",
+                   help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+
+
+def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
+    try:
+        storage = json.loads(args.storage_options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options must be JSON: {e}") from None
+    if not isinstance(storage, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    fields = {k: getattr(args, k) for k in AnnotateConfig.__dataclass_fields__ if k not in ("inputs",
+                                                                                           "storage_options")}
+    return AnnotateConfig(inputs=tuple(args.inputs), storage_options=storage, **fields)
+
+
+def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_hash: str | None) -> dict[str, Any]:
+    """The settings that change results (and so the config hash)."""
+    return {
+        "model": cfg.model, "checkpoint_sha256": checkpoint_hash, "vocabulary": cfg.vocabulary,
+        "vocabulary_hash": vocabulary_hash, "prompts": cfg.prompts, "detector_score_thresh": cfg.detector_score_thresh,
+        "max_detections": cfg.max_detections, "top_k": cfg.top_k, "store_embeddings": cfg.store_embeddings,
+        "points_per_side": cfg.points_per_side, "max_pixels": cfg.max_pixels,
+    }
+
+
+def _file_sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _print_progress(summary: Any, total: int, seconds: float) -> None:
+    done = len(summary.per_shard)
+    rate = summary.images / seconds if seconds > 0 else 0.0
+    inst = summary.instances / seconds if seconds > 0 else 0.0
+    print(f"[annotate] shards {done}/{total}  images {summary.images} ({rate:.1f}/s)  "
+          f"instances {summary.instances} ({inst:.1f}/s)", flush=True)
+
+
+def run_annotate(cfg: AnnotateConfig) -> Any:
+    """Resolve shards and config, skip committed shards, run the rest on Ray, print a summary.
+
+    Returns the ``RunSummary`` (None for a dry run).
+    """
+    import fsspec
+
+    import ovsam
+    from pipeline.ledger import Ledger, config_hash, write_run_json
+    from pipeline.run import plan_cluster, run_shards
+    from pipeline.sources import expand_shards
+    from pipeline.stages import ModelStageConfig
+    from pipeline.worker import WorkerConfig
+
+    shards = expand_shards(list(cfg.inputs), cfg.storage_options)
+    model = ovsam.build_ovsam(cfg.model, checkpoint=cfg.checkpoint)
+    vocabulary = ovsam.Vocabulary.resolve(cfg.vocabulary, model, progress=False)
+    hashed = hashed_config(cfg, _file_sha256(cfg.checkpoint), vocabulary.content_hash)
+    chash = config_hash(hashed)
+    fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
+    ledger = Ledger(fs, root)
+    ledger.check_config(chash, hashed, overwrite=cfg.overwrite)
+    done = ledger.committed_shards(chash)
+    pending = [s for s in shards if s.name not in done]
+    if cfg.limit is not None:
+        pending = pending[: cfg.limit]
+    print(f"[annotate] {len(shards)} shards: {len(shards) - len([s for s in shards if s.name not in done])} "
+          f"committed, {len(pending)} to process", flush=True)
+    if cfg.dry_run:
+        for s in pending[:20]:
+            print(f"  {s.name}  {s.url}")
+        if len(pending) > 20:
+            print(f"  ... {len(pending) - 20} more")
+        return None
+    public = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
+    write_run_json(fs, root, {"config": public, "hashed": hashed, "config_hash": chash,
+                              "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
+                                             "clip_model": vocabulary.clip_model},
+                              "model_config": model.config.to_dict(), "versions": _versions()})
+    del model
+    ledger.cleanup_tmp()
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
+    plan = plan_cluster(cfg.workers, cfg.num_gpus_per_worker, cfg.cpus_per_worker)
+    stage = ModelStageConfig(
+        model=cfg.model, checkpoint=cfg.checkpoint, vocabulary=cfg.vocabulary, prompts=cfg.prompts,
+        detector_weights=cfg.detector_weights, detector_score_thresh=cfg.detector_score_thresh,
+        max_detections=cfg.max_detections, top_k=cfg.top_k, store_embeddings=cfg.store_embeddings,
+        points_per_side=cfg.points_per_side, device="cuda" if plan.num_gpus > 0 else "cpu",
+    )
+    worker_cfg = WorkerConfig(output=cfg.output, stage=stage, config_hash=chash, batch_size=cfg.batch_size,
+                              decode_threads=max(1, int(plan.num_cpus)), max_pixels=cfg.max_pixels,
+                              storage_options=dict(cfg.storage_options))
+    t0 = time.perf_counter()
+    summary = run_shards(pending, worker_cfg, plan, on_progress=_print_progress,
+                         shards_skipped=len(shards) - len(pending))
+    seconds = time.perf_counter() - t0
+    print(f"[annotate] done in {seconds:.1f}s: {len(summary.per_shard)} shards, {summary.images} images, "
+          f"{summary.instances} instances ({summary.images / max(seconds, 1e-9):.2f} images/s)")
+    print(f"[annotate] statuses: {json.dumps(summary.statuses(), sort_keys=True)}")
+    print("[annotate] stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds().items()))
+    truncated = [s["shard"] for s in summary.per_shard if s["truncated"]]
+    if truncated:
+        print(f"[annotate] truncated shards (samples after the cut are missing): {', '.join(truncated)}")
+    for name, err in summary.failed.items():
+        print(f"[annotate] FAILED {name}: {err}", file=sys.stderr)
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("ovsam", "torch", "open_clip_torch", "segment-anything", "ray", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ovsam annotate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_annotate(config_from_args(args))
+        return 1 if summary is not None and summary.failed else 0
+    except ValueError as e:
+        print(f"ovsam annotate: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
