@@ -83,6 +83,30 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Run the annotation job (``jobs.annotate``)."""
+    from jobs.annotate import config_from_args, run_annotate
+
+    summary = run_annotate(config_from_args(args))
+    return 1 if summary is not None and summary.failed else 0
+
+
+def cmd_export_coco(args: argparse.Namespace) -> int:
+    """Write the committed annotations of an output as COCO instances JSON (RLE segmentation)."""
+    import json
+
+    import fsspec
+
+    from pipeline.export import export_coco
+
+    storage = json.loads(args.storage_options)
+    fs, root = fsspec.core.url_to_fs(args.input, **storage)
+    coco = export_coco(fs, root)
+    Path(args.output).write_text(json.dumps(coco))
+    print(f"wrote {args.output}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the built-in model configs with their descriptions."""
     import ovsam
@@ -142,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--roi-size", type=int, default=None,
                       help="head RoIAlign size (default 12; 7 with --vocabulary lvis, as published for LVIS)")
     conv.set_defaults(func=cmd_convert_official)
+
+    from jobs import annotate
+
+    ann = sub.add_parser("annotate", help="annotate WebDataset shards with OV-SAM on Ray, into Parquet",
+                         description=annotate.__doc__.split("\n\n")[0])
+    annotate.add_arguments(ann)
+    ann.set_defaults(func=cmd_annotate)
+
+    exp = sub.add_parser("export-coco", help="committed annotations -> COCO instances JSON",
+                         description="Write the committed shards of an annotation output as COCO instances JSON "
+                                     "(RLE segmentation), loadable by pycocotools.coco.COCO.")
+    exp.add_argument("--input", required=True, help="annotation output URL")
+    exp.add_argument("-o", "--output", required=True, type=Path, help="JSON file to write")
+    exp.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    exp.set_defaults(func=cmd_export_coco)
 
     models = sub.add_parser("models", help="list the built-in model configs")
     models.set_defaults(func=cmd_models)

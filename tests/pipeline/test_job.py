@@ -77,3 +77,32 @@ def test_dry_run_writes_nothing(corpus, tmp_path, capsys):
                           "--dry-run"]) == 0
     assert f"{len(expectations)} to process" in capsys.readouterr().out
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_coco_loads_in_pycocotools(ray_local, corpus, tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    from jobs.cli import main as cli_main
+
+    root, _, vocab = corpus
+    out = tmp_path / "out"
+    assert cli_main(["annotate", "--input", f"{root}/good-*.tar", "--output", str(out), "--vocabulary", str(vocab),
+                     "--workers", "1", "--cpus-per-worker", "1"]) == 0
+    coco_path = tmp_path / "coco.json"
+    assert cli_main(["export-coco", "--input", str(out), "-o", str(coco_path)]) == 0
+    coco = COCO(str(coco_path))
+    assert len(coco.getImgIds()) > 0 and len(coco.getAnnIds()) > 0
+    rows = {}
+    for stem in ("good-000000", "good-000001"):
+        for r in pq.read_table(out / "instances" / f"{stem}.parquet").to_pylist():
+            rows[(stem, r["image_key"], r["instance_index"])] = r
+    images = {img["id"]: img for img in coco.dataset["images"]}
+    for ann in coco.dataset["annotations"]:
+        mask = coco.annToMask(ann).astype(bool)
+        shard, key = images[ann["image_id"]]["file_name"].split("/", 1)
+        match = [r for (s, k, _), r in rows.items() if s == shard and k == key
+                 and r["mask_rle"]["counts"] == ann["segmentation"]["counts"]]
+        assert match
+        rle = {"size": match[0]["mask_rle"]["size"], "counts": match[0]["mask_rle"]["counts"].encode()}
+        assert (mask == mask_utils.decode(rle).astype(bool)).all()
