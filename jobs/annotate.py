@@ -15,12 +15,15 @@ thresholds into the same output is refused (use a new --output, or --overwrite t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pipeline.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +34,7 @@ class AnnotateConfig:
 
     inputs: tuple[str, ...]
     output: str
-    model: str = "ovsam-tiny"
-    checkpoint: str | None = None
-    vocabulary: str = "coco"
-    prompts: str = "sidecar"
-    detector_weights: str | None = None
-    detector_score_thresh: float = 0.5
-    max_detections: int = 100
-    top_k: int = 5
-    store_embeddings: bool = False
-    points_per_side: int = 16
+    stage: ModelStageConfig = field(default_factory=ModelStageConfig)
     batch_size: int = 8
     workers: int | None = None
     num_gpus_per_worker: float | None = None
@@ -94,18 +88,21 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         raise ValueError("--storage-options must be a JSON object")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    fields = {k: getattr(args, k) for k in AnnotateConfig.__dataclass_fields__ if k not in ("inputs",
-                                                                                           "storage_options")}
-    return AnnotateConfig(inputs=tuple(args.inputs), storage_options=storage, **fields)
+    stage = ModelStageConfig(**{k: getattr(args, k) for k in ModelStageConfig.__dataclass_fields__
+                                if hasattr(args, k)})
+    fields = {k: getattr(args, k) for k in AnnotateConfig.__dataclass_fields__
+              if k not in ("inputs", "stage", "storage_options")}
+    return AnnotateConfig(inputs=tuple(args.inputs), stage=stage, storage_options=storage, **fields)
 
 
 def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_hash: str | None) -> dict[str, Any]:
     """The settings that change results (and so the config hash)."""
+    st = cfg.stage
     return {
-        "model": cfg.model, "checkpoint_sha256": checkpoint_hash, "vocabulary": cfg.vocabulary,
-        "vocabulary_hash": vocabulary_hash, "prompts": cfg.prompts, "detector_score_thresh": cfg.detector_score_thresh,
-        "max_detections": cfg.max_detections, "top_k": cfg.top_k, "store_embeddings": cfg.store_embeddings,
-        "points_per_side": cfg.points_per_side, "max_pixels": cfg.max_pixels,
+        "model": st.model, "checkpoint_sha256": checkpoint_hash, "vocabulary": st.vocabulary,
+        "vocabulary_hash": vocabulary_hash, "prompts": st.prompts, "detector_score_thresh": st.detector_score_thresh,
+        "max_detections": st.max_detections, "top_k": st.top_k, "store_embeddings": st.store_embeddings,
+        "points_per_side": st.points_per_side, "max_pixels": cfg.max_pixels,
     }
 
 
@@ -140,13 +137,12 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     from pipeline.ledger import Ledger, config_hash, write_run_json
     from pipeline.run import plan_cluster, run_shards
     from pipeline.sources import expand_shards
-    from pipeline.stages import ModelStageConfig
     from pipeline.worker import WorkerConfig
 
     shards = expand_shards(list(cfg.inputs), cfg.storage_options)
-    model = ovsam.build_ovsam(cfg.model, checkpoint=cfg.checkpoint)
-    vocabulary = ovsam.Vocabulary.resolve(cfg.vocabulary, model, progress=False)
-    hashed = hashed_config(cfg, _file_sha256(cfg.checkpoint), vocabulary.content_hash)
+    model = ovsam.build_ovsam(cfg.stage.model, checkpoint=cfg.stage.checkpoint)
+    vocabulary = ovsam.Vocabulary.resolve(cfg.stage.vocabulary, model, progress=False)
+    hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash)
     chash = config_hash(hashed)
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     ledger = Ledger(fs, root)
@@ -175,12 +171,7 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
     plan = plan_cluster(cfg.workers, cfg.num_gpus_per_worker, cfg.cpus_per_worker)
-    stage = ModelStageConfig(
-        model=cfg.model, checkpoint=cfg.checkpoint, vocabulary=cfg.vocabulary, prompts=cfg.prompts,
-        detector_weights=cfg.detector_weights, detector_score_thresh=cfg.detector_score_thresh,
-        max_detections=cfg.max_detections, top_k=cfg.top_k, store_embeddings=cfg.store_embeddings,
-        points_per_side=cfg.points_per_side, device="cuda" if plan.num_gpus > 0 else "cpu",
-    )
+    stage = dataclasses.replace(cfg.stage, device="cuda" if plan.num_gpus > 0 else "cpu")
     worker_cfg = WorkerConfig(output=cfg.output, stage=stage, config_hash=chash, batch_size=cfg.batch_size,
                               decode_threads=max(1, int(plan.num_cpus)), max_pixels=cfg.max_pixels,
                               storage_options=dict(cfg.storage_options))

@@ -10,6 +10,8 @@ import pytest
 from jobs.annotate import main as annotate_main
 from jobs.annotate import AnnotateConfig, run_annotate
 
+from pipeline.stages import ModelStageConfig
+
 from .corpus import write_corpus
 
 
@@ -31,9 +33,10 @@ def corpus(tmp_path_factory):
     return root, expectations, vocab
 
 
-def _config(root, vocab, out, **kw) -> AnnotateConfig:
-    return AnnotateConfig(inputs=(f"{root}/*.tar",), output=str(out), model="ovsam-tiny", vocabulary=str(vocab),
-                          batch_size=4, workers=1, cpus_per_worker=1, **kw)
+def _config(root, vocab, out, top_k=5, **kw) -> AnnotateConfig:
+    stage = ModelStageConfig(model="ovsam-tiny", vocabulary=str(vocab), top_k=top_k)
+    return AnnotateConfig(inputs=(f"{root}/*.tar",), output=str(out), stage=stage, batch_size=4, workers=1,
+                          cpus_per_worker=1, **kw)
 
 
 def test_job_annotates_every_sample_once(ray_local, corpus, tmp_path):
