@@ -67,7 +67,9 @@ class Sample:
 @dataclass(frozen=True)
 class ShardReadReport:
     """What reading one shard produced. ``truncated`` is set for a cut inside a member, a missing end-of-archive
-    marker, or a sample count that disagrees with ``expected`` (from the shard index); ``error`` says which."""
+    marker, or a sample count that disagrees with ``expected`` (from the shard index); ``error`` says which.
+    ``read_failed`` is set when the shard could not be opened or a read kept failing after its retries: the data
+    may be intact and a later attempt may read it whole, unlike a truncated or corrupt file."""
 
     samples_read: int
     truncated: bool
@@ -76,6 +78,7 @@ class ShardReadReport:
     url: str = ""
     bytes_read: int = 0
     problems: tuple[str, ...] = ()
+    read_failed: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,6 +502,7 @@ class ShardReader:
         problems: list[str] = []
         count = 0
         truncated = False
+        read_failed = False
         error: str | None = None
         stream: _ResumableStream | None = None
         finished = False
@@ -513,7 +517,7 @@ class ShardReader:
                     self.url, self._open_retries, self._backoff_s)
             except Exception as exc:
                 error = f"could not open shard: {type(exc).__name__}: {exc}"
-                finished = True
+                read_failed = finished = True
                 return
             try:
                 for sample in self._samples(stream, problems):
@@ -524,6 +528,7 @@ class ShardReader:
                 truncated, error, finished = True, str(exc), True
             except (OSError, ValueError) as exc:
                 error, finished = f"{type(exc).__name__}: {exc}", True
+                read_failed = isinstance(exc, OSError)
         finally:
             if stream is not None:
                 try:
@@ -540,7 +545,7 @@ class ShardReader:
                 samples_read=count, truncated=truncated, error=error,
                 expected=expected,
                 url=self.url, bytes_read=stream.offset if stream is not None else 0,
-                problems=_capped(problems))
+                problems=_capped(problems), read_failed=read_failed)
 
     def _samples(self, stream: _ResumableStream, problems: list[str]) -> Iterator[Sample]:
         """Group members into samples. When the shard ends early (truncation, corrupt header, failed read) the

@@ -8,6 +8,7 @@ with the manifest last, so a killed worker leaves nothing visible and a rerun re
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -45,14 +46,33 @@ def to_stage_input(d: DecodedSample) -> SampleInput:
                        notes=notes)
 
 
+class ShardReadFailed(OSError):
+    """The shard could not be read whole (open or read failures outlasted the retries); nothing was committed, so
+    the driver can give the shard to another attempt and a rerun redoes it."""
+
+
+def resolve_device(device: str) -> str:
+    """``device`` unless it names CUDA on a worker without CUDA (e.g. a logical GPU of a test cluster): then CPU."""
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return device
+    logger.warning("this worker was given a GPU but torch sees no CUDA device; running the model on the CPU")
+    return "cpu"
+
+
 class ShardWorker:
     """Loads the model once; :meth:`process` annotates and commits one shard and returns its summary."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        import dataclasses
+
         import fsspec
 
         self.config = config
-        self.annotator = Annotator(config.stage)
+        self.annotator = Annotator(dataclasses.replace(config.stage, device=resolve_device(config.stage.device)))
         self.fs, self.root = fsspec.core.url_to_fs(config.output, **config.storage_options)
         self.require_prompts = config.stage.prompts == "sidecar"
 
@@ -100,6 +120,9 @@ class ShardWorker:
             if batch:
                 flush()
         report = reader.report
+        if report is not None and report.read_failed:
+            raise ShardReadFailed(f"shard {shard.name} ({shard.url}) was not read whole: {report.error}; "
+                                  "nothing committed")
         t = time.perf_counter()
         manifest = commit_shard(
             self.fs, self.root, shard.name, instance_rows, image_rows,
@@ -110,7 +133,18 @@ class ShardWorker:
         statuses: dict[str, int] = {}
         for row in image_rows:
             statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-        return {"shard": shard.name, "images": len(image_rows), "instances": len(instance_rows),
+        return {"shard": shard.name, "node_id": _node_id(), "pid": os.getpid(),
+                "images": len(image_rows), "instances": len(instance_rows),
                 "statuses": statuses, "truncated": bool(report and report.truncated),
                 "read_error": None if report is None else report.error, "timings": timings,
                 "seconds": time.perf_counter() - t0, "manifest": manifest}
+
+
+def _node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except ImportError:
+        return None
