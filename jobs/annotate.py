@@ -118,6 +118,28 @@ def _file_sha256(path: str | None) -> str | None:
     return h.hexdigest()
 
 
+def estimate_work(shards: list[Any], storage_options: dict[str, Any]) -> tuple[int, int, int]:
+    """(bytes, samples, shards with an index) of ``shards``, from their sizes and shard indexes (no tar is read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec
+
+    from pipeline.sources import read_expected_count
+
+    def one(shard: Any) -> tuple[int, int | None]:
+        fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
+        try:
+            size = int(fs.size(path) or 0)
+        except OSError:
+            size = 0
+        return size, read_expected_count(shard.url, storage_options)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        found = list(pool.map(one, shards))
+    counts = [c for _, c in found if c is not None]
+    return sum(size for size, _ in found), sum(counts), len(counts)
+
+
 def _print_progress(summary: Any, total: int, seconds: float) -> None:
     done = len(summary.per_shard)
     rate = summary.images / seconds if seconds > 0 else 0.0
@@ -158,6 +180,11 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
             print(f"  {s.name}  {s.url}")
         if len(pending) > 20:
             print(f"  ... {len(pending) - 20} more")
+        nbytes, samples, indexed = estimate_work(pending, cfg.storage_options)
+        guess = "" if indexed == len(pending) or not indexed else \
+            f"; about {samples / indexed * len(pending):,.0f} in all, extrapolated"
+        print(f"[annotate] dry run: {len(pending)} shards, {nbytes / 1e6:,.1f} MB to read, {samples:,} samples in "
+              f"the {indexed} shards with an index{guess}; nothing written", flush=True)
         return None
     public = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
     write_run_json(fs, root, {"config": public, "hashed": hashed, "config_hash": chash,

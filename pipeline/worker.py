@@ -34,7 +34,7 @@ class WorkerConfig:
     batch_size: int = 8
     decode_threads: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def to_stage_input(d: DecodedSample) -> SampleInput:

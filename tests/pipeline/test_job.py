@@ -78,7 +78,10 @@ def test_dry_run_writes_nothing(corpus, tmp_path, capsys):
     out = tmp_path / "dry"
     assert annotate_main(["--input", f"{root}/*.tar", "--output", str(out), "--vocabulary", str(vocab),
                           "--dry-run"]) == 0
-    assert f"{len(expectations)} to process" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert f"{len(expectations)} to process" in out_text
+    indexed = [e for e in expectations.values() if e.expected is not None]
+    assert f"{sum(e.expected for e in indexed):,} samples in the {len(indexed)} shards with an index" in out_text
     assert not out.exists() or not any(out.iterdir())
 
 
