@@ -27,6 +27,7 @@ class ShardOutput:
 def committed_shards(fs: Any, output: str) -> list[str]:
     """Shard names with a manifest under ``output``, sorted."""
     root = output.rstrip("/")
+    fs.invalidate_cache(f"{root}/_manifest")  # s3fs would list from a cache that predates the workers' commits
     try:
         paths = fs.glob(f"{root}/_manifest/*.json")
     except FileNotFoundError:

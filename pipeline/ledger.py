@@ -36,7 +36,15 @@ class Ledger:
         self.fs = fs
         self.root = root.rstrip("/")
 
+    def forget_listings(self) -> None:
+        """Drop directory listings the filesystem cached under the root. Workers in other processes commit shards,
+        and s3fs keeps listings for the life of the (shared, cached) filesystem instance, so a listing taken by an
+        earlier run in this process would hide their commits and get committed shards redone."""
+        for d in ("", "/_manifest", "/instances", "/images", "/_tmp"):
+            self.fs.invalidate_cache(f"{self.root}{d}")
+
     def run_record(self) -> dict[str, Any] | None:
+        self.forget_listings()
         path = f"{self.root}/run.json"
         if not self.fs.exists(path):
             return None
@@ -61,6 +69,7 @@ class Ledger:
                 self.fs.rm(f"{self.root}/{d}", recursive=True)
 
     def manifests(self) -> dict[str, dict[str, Any]]:
+        self.forget_listings()
         out = {}
         for path in self.fs.glob(f"{self.root}/_manifest/*.json"):
             with self.fs.open(path, "rb") as f:
@@ -84,6 +93,7 @@ class Ledger:
 
     def cleanup_tmp(self) -> None:
         """Remove files left in ``_tmp/`` by killed runs."""
+        self.forget_listings()
         if self.fs.exists(f"{self.root}/_tmp"):
             for path in self.fs.ls(f"{self.root}/_tmp", detail=False):
                 self.fs.rm(path)
