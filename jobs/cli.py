@@ -91,6 +91,33 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 1 if summary is not None and summary.failed else 0
 
 
+def cmd_relabel(args: argparse.Namespace) -> int:
+    """Re-label a stored run with a new vocabulary from its region embeddings (``jobs.relabel``)."""
+    from jobs.relabel import config_from_args, run_relabel
+
+    summary = run_relabel(config_from_args(args))
+    return 1 if summary.failed else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Render annotated samples as PNG overlays (``pipeline.overlay.write_overlays``)."""
+    import json
+
+    from pipeline.overlay import write_overlays
+
+    try:
+        storage = json.loads(args.storage_options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options must be JSON: {e}") from None
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    paths = write_overlays(args.input, args.output, limit=args.n, shards=args.shards, storage_options=storage)
+    for path in paths:
+        print(path)
+    print(f"wrote {len(paths)} overlay(s) to {args.output}")
+    return 0
+
+
 def cmd_export_coco(args: argparse.Namespace) -> int:
     """Write the committed annotations of an output as COCO instances JSON (RLE segmentation)."""
     import json
@@ -173,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
                          description=annotate.__doc__.split("\n\n")[0])
     annotate.add_arguments(ann)
     ann.set_defaults(func=cmd_annotate)
+
+    from jobs import relabel
+
+    rel = sub.add_parser("relabel", help="re-label a stored run with a new vocabulary, without the images",
+                         description=relabel.__doc__.split("\n\n")[0])
+    relabel.add_arguments(rel)
+    rel.set_defaults(func=cmd_relabel)
+
+    show = sub.add_parser("show", help="render annotated samples as PNG overlays",
+                          description="Draw N committed images of an annotation output with their masks, mask "
+                                      "boxes and label captions, reading the pixels from the original shards.")
+    show.add_argument("--input", required=True, help="annotation output URL")
+    show.add_argument("--shards", action="append", default=None, metavar="URLS",
+                      help="original shard URLs, glob or brace pattern (repeatable; default: the inputs recorded "
+                           "in run.json and the manifests)")
+    show.add_argument("-n", type=int, default=8, help="number of images to render (default: 8)")
+    show.add_argument("--output", type=Path, default=Path("overlays"),
+                      help="directory for the PNGs (default: overlays)")
+    show.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    show.set_defaults(func=cmd_show)
 
     exp = sub.add_parser("export-coco", help="committed annotations -> COCO instances JSON",
                          description="Write the committed shards of an annotation output as COCO instances JSON "
