@@ -1,0 +1,1 @@
+"""Benchmarks: `python bench/pipeline.py --help`."""
