@@ -66,23 +66,66 @@ class RunSummary:
 
 
 def plan_cluster(workers: int | None, num_gpus_per_worker: float | None, cpus_per_worker: float | None) -> ClusterPlan:
-    """GPU actors when the cluster has GPUs (one per GPU unless ``workers`` says otherwise), CPU actors otherwise."""
+    """GPU actors when the cluster has GPUs (one per GPU unless ``workers`` says otherwise), CPU actors otherwise.
+
+    Sized from the live nodes' resources (see :func:`plan_workers`)."""
     import ray
 
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0.0))
-    cpus = float(res.get("CPU", 1.0))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return plan_workers(nodes, workers, num_gpus_per_worker, cpus_per_worker)
+
+
+def plan_workers(
+    nodes: list[dict[str, float]],
+    workers: int | None,
+    num_gpus_per_worker: float | None,
+    cpus_per_worker: float | None,
+) -> ClusterPlan:
+    """Size the actor pool from per-node resources (``{"CPU": ..., "GPU": ...}`` per live node).
+
+    An actor lives on one node, so capacity is counted node by node: with GPUs, each worker takes
+    ``num_gpus_per_worker`` (default 1) and, unless ``cpus_per_worker`` is given, an equal share of its GPU
+    node's CPUs (at most 4; the smallest share over the GPU nodes, so every GPU slot can be placed). Without
+    GPUs, each worker takes ``cpus_per_worker`` (default 1) CPUs. ``workers`` defaults to the number of actors
+    that fit at once. Raises ``ValueError`` when no node can host even one worker.
+    """
+    max_gpus = max((float(r.get("GPU", 0.0)) for r in nodes), default=0.0)
+    max_cpus = max((float(r.get("CPU", 0.0)) for r in nodes), default=0.0)
+    total_gpus = sum(float(r.get("GPU", 0.0)) for r in nodes)
     if num_gpus_per_worker is None:
-        num_gpus_per_worker = 1.0 if gpus >= 1 else 0.0
-    if num_gpus_per_worker > 0 and gpus < num_gpus_per_worker:
-        raise ValueError(f"--num-gpus-per-worker {num_gpus_per_worker} but the cluster has {gpus:g} GPUs")
+        num_gpus_per_worker = 1.0 if max_gpus >= 1 else 0.0
+    if num_gpus_per_worker < 0 or (cpus_per_worker is not None and cpus_per_worker < 0):
+        raise ValueError(f"--num-gpus-per-worker and --cpus-per-worker must be >= 0, got {num_gpus_per_worker} "
+                         f"and {cpus_per_worker}")
+    if num_gpus_per_worker > 0 and max_gpus < num_gpus_per_worker:
+        raise ValueError(f"--num-gpus-per-worker {num_gpus_per_worker:g} but no node has that many GPUs (largest "
+                         f"node: {max_gpus:g}; cluster total: {total_gpus:g} on {len(nodes)} nodes); a worker "
+                         f"runs on one node, so use a value <= {max_gpus:g}, or 0 for CPU workers")
+    eps = 1e-9
+
+    def slots(r: dict[str, float], gpus: float, cpus: float) -> int:
+        fit = [int(float(r.get(k, 0.0)) / need + eps) for k, need in (("GPU", gpus), ("CPU", cpus)) if need > 0]
+        return min(fit) if fit else 0
+
     if num_gpus_per_worker > 0:
-        n = workers or max(1, int(gpus // num_gpus_per_worker))
-        per_cpu = cpus_per_worker if cpus_per_worker else max(1.0, min(4.0, (cpus - 1) // n))
+        gpu_slots = [(r, slots(r, num_gpus_per_worker, 0.0)) for r in nodes]
+        gpu_slots = [(r, k) for r, k in gpu_slots if k > 0]
+        if cpus_per_worker is None:
+            share = min(float(r.get("CPU", 0.0)) / k for r, k in gpu_slots)
+            cpus_per_worker = min(4.0, float(int(share + eps))) if share >= 1 else share
     else:
-        per_cpu = cpus_per_worker or 1.0
-        n = workers or max(1, int(cpus // per_cpu))
-    return ClusterPlan(workers=n, num_gpus=num_gpus_per_worker, num_cpus=float(per_cpu))
+        cpus_per_worker = 1.0 if cpus_per_worker is None else cpus_per_worker
+        if cpus_per_worker <= 0:
+            raise ValueError("--cpus-per-worker must be > 0 for CPU workers (no GPUs requested)")
+    capacity = sum(slots(r, num_gpus_per_worker, cpus_per_worker) for r in nodes)
+    if capacity == 0:
+        raise ValueError(f"no node can host a worker needing {cpus_per_worker:g} CPUs and {num_gpus_per_worker:g} "
+                         f"GPUs (largest node: {max_cpus:g} CPUs, {max_gpus:g} GPUs); lower --cpus-per-worker")
+    n = workers or capacity
+    if n > capacity:
+        logger.warning("%d workers requested but only %d fit on the cluster at once; the rest start when resources "
+                       "free up (e.g. when the autoscaler adds nodes)", n, capacity)
+    return ClusterPlan(workers=n, num_gpus=float(num_gpus_per_worker), num_cpus=float(cpus_per_worker))
 
 
 def run_shards(
