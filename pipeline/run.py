@@ -136,32 +136,63 @@ def run_shards(
     max_attempts: int = 4,
     on_progress: Callable[[RunSummary, int, float], None] | None = None,
     shards_skipped: int = 0,
+    start_timeout_s: float = 600.0,
 ) -> RunSummary:
-    """Process ``shards`` on ``plan.workers`` actors; a shard whose actor died is retried up to ``max_attempts``."""
+    """Process ``shards`` on ``plan.workers`` actors; a shard whose actor died is retried up to ``max_attempts``.
+
+    The driver owns retries: a shard lost with its actor (or node) goes back to the queue at once and is given to
+    the next ready actor, while the lost actor restarts wherever Ray can place it and rejoins the pool once it
+    answers. An actor that cannot be placed (e.g. its node was removed and no other node has a free GPU) is never
+    given work. If no actor is ready and nothing runs for ``start_timeout_s`` while shards wait, the waiting
+    shards are reported as failed instead of waiting forever.
+    """
     import ray
-    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
     summary = RunSummary(shards_total=len(shards) + shards_skipped, shards_skipped=shards_skipped)
     start = time.perf_counter()
     if not shards:
         return summary
+    # max_task_retries=0: a task on a dead actor fails at once instead of waiting for a restart that may never be
+    # placed; the loop below requeues its shard.
     actor_cls = ray.remote(ShardWorker).options(
-        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=-1,
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=-1, max_task_retries=0,
     )
     n = min(plan.workers, len(shards))
     actors = [actor_cls.remote(worker_config) for _ in range(n)]
     queue: deque[ShardRef] = deque(shards)
     attempts: dict[str, int] = {}
-    idle = list(actors)
+    idle: list[Any] = []
+    starting: dict[Any, Any] = {actor.__ray_ready__.remote(): actor for actor in actors}
+    recovering: list[tuple[float, Any]] = []  # (when to ask again, actor) for actors that are restarting
     in_flight: dict[Any, tuple[ShardRef, Any]] = {}
     last_report = 0.0
+    last_usable = time.perf_counter()
+    last_actor_error: BaseException | None = None
     while queue or in_flight:
+        for due, actor in [r for r in recovering if r[0] <= time.perf_counter()]:
+            recovering.remove((due, actor))
+            starting[actor.__ray_ready__.remote()] = actor
         while queue and idle:
             shard, actor = queue.popleft(), idle.pop()
             attempts[shard.name] = attempts.get(shard.name, 0) + 1
             in_flight[actor.process.remote(shard)] = (shard, actor)
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
+        pending = [*in_flight, *starting]
+        done = ray.wait(pending, num_returns=1, timeout=2.0)[0] if pending else []
+        if not pending:
+            time.sleep(0.5)
         for ref in done:
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except ActorDiedError as e:
+                    logger.error("a worker died for good and leaves the pool: %s", e)
+                    last_actor_error = e
+                except (RayActorError, WorkerCrashedError):
+                    recovering.append((time.perf_counter() + 1.0, actor))
+                continue
             shard, actor = in_flight.pop(ref)
             try:
                 summary.per_shard.append(ray.get(ref))
@@ -170,12 +201,24 @@ def run_shards(
                 logger.warning("shard %s lost with its worker (%s); attempt %d", shard.name, type(e).__name__,
                                attempts[shard.name])
                 _retry_or_fail(summary, queue, shard, attempts, max_attempts, e)
-                idle.append(actor)
+                starting[actor.__ray_ready__.remote()] = actor
             except RayTaskError as e:
                 logger.error("shard %s failed: %s", shard.name, e)
                 _retry_or_fail(summary, queue, shard, attempts, max_attempts, e)
                 idle.append(actor)
         now = time.perf_counter()
+        if idle or in_flight or not queue:
+            last_usable = now
+        elif not (starting or recovering) or now - last_usable > start_timeout_s:
+            if starting or recovering:
+                reason = (f"no worker became ready in {start_timeout_s:g}s; each requests {plan.num_cpus:g} CPUs "
+                          f"and {plan.num_gpus:g} GPUs on one node (available: {ray.available_resources()}); check "
+                          "--workers/--num-gpus-per-worker/--cpus-per-worker against the nodes")
+            else:
+                reason = f"no worker left: every worker died ({last_actor_error})"
+            logger.error("%s; %d shards not processed", reason, len(queue))
+            while queue:
+                summary.failed[queue.popleft().name] = reason
         if on_progress is not None and (now - last_report > 5.0 or not (queue or in_flight)):
             on_progress(summary, len(shards), now - start)
             last_report = now
