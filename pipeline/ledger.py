@@ -92,8 +92,12 @@ class Ledger:
         return done
 
     def cleanup_tmp(self) -> None:
-        """Remove files left in ``_tmp/`` by killed runs."""
+        """Remove files left in ``_tmp/`` by killed runs. A worker of a killed driver may still be moving one of
+        them into place while this runs: a file gone since the listing is not an error."""
         self.forget_listings()
         if self.fs.exists(f"{self.root}/_tmp"):
             for path in self.fs.ls(f"{self.root}/_tmp", detail=False):
-                self.fs.rm(path)
+                try:
+                    self.fs.rm(path)
+                except FileNotFoundError:
+                    pass
