@@ -33,6 +33,28 @@ def _put(fs: Any, tmp: str, final: str, data: bytes) -> None:
     fs.mv(tmp, final)
 
 
+_TMP_SUFFIXES = (".instances.parquet", ".images.parquet", ".manifest.json")
+
+
+def _remove_stale_tmp(fs: Any, root: str, shard: str) -> None:
+    """Remove ``_tmp`` files of earlier attempts at ``shard`` (``<shard>.<attempt>.<kind>``): an attempt killed
+    between writing a file and moving it leaves one, and otherwise only the next run's start would remove it. An
+    attempt still alive (a worker of a killed driver) then fails at its move and commits nothing more."""
+    fs.invalidate_cache(f"{root}/_tmp")
+    try:
+        listing = fs.ls(f"{root}/_tmp", detail=False)
+    except FileNotFoundError:  # an object store has no empty directories
+        return
+    for path in listing:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        stem = next((name[: -len(s)] for s in _TMP_SUFFIXES if name.endswith(s)), None)
+        if stem is not None and stem.rpartition(".")[0] == shard:
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+
+
 def _parquet_bytes(table: Any, provenance: dict[str, Any]) -> bytes:
     import pyarrow.parquet as pq
 
@@ -62,6 +84,7 @@ def commit_shard(
     root = root.rstrip("/")
     for d in ("instances", "images", "_manifest", "_tmp"):
         fs.makedirs(f"{root}/{d}", exist_ok=True)
+    _remove_stale_tmp(fs, root, shard)
     provenance = {"shard": shard, "input_url": input_url, "config_hash": config_hash}
     files = {}
     for kind, table in (("instances", instances_table(instance_rows)), ("images", images_table(image_rows))):
