@@ -56,6 +56,13 @@ class ShardExpectation:
     samples_read: int = 0
     truncated: bool = False
     expected: int | None = None
+    error: str | None = None
+
+    def error_matches(self, error: str | None) -> bool:
+        """True when ``self.error`` is unset or one of its ``|``-separated alternatives occurs in ``error``."""
+        if self.error is None:
+            return True
+        return any(alt in (error or "").lower() for alt in self.error.lower().split("|"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,20 +289,23 @@ def write_corpus(directory: str | Path) -> dict[str, ShardExpectation]:
     Shards: ``good-000000`` (good cases; GNU long names and a directory entry), ``good-000001`` (pax format,
     non-ASCII key), ``bad-000000`` (all bad-input cases), ``trunc-mid-000000`` (cut inside a member),
     ``trunc-edge-000000`` (cut at a member boundary), ``empty-000000`` (a valid tar with no members),
-    ``short-000000`` (complete tar whose index claims one more sample than it holds).
+    ``short-000000`` (complete tar whose index claims one more sample than it holds), ``bad-000001`` (image
+    formats and encodings), ``bad-000002`` (hostile sidecars), and the shards of
+    ``hostile_corpus.write_hostile_shards`` (compressed, concatenated, damaged, not tars, links, odd names). Every
+    file is named ``*.tar`` whatever its content, as a mislabelled shard would be.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, ShardExpectation] = {}
 
     def put(stem: str, data: bytes, cases: list[CorpusCase], *, read: int | None = None,
-            truncated_: bool = False, expected: int | None = None) -> None:
+            truncated_: bool = False, expected: int | None = None, error: str | None = None) -> None:
         path = directory / f"{stem}.tar"
         path.write_bytes(data)
         if expected is not None:
             write_index(directory, stem, expected)
         out[stem] = ShardExpectation(str(path), {c.key: c for c in cases},
-                                     len(cases) if read is None else read, truncated_, expected)
+                                     len(cases) if read is None else read, truncated_, expected, error)
 
     good = good_cases()
     long_key = "good/" + "a-very-long-directory-name-" * 5 + "/000009"
@@ -325,4 +335,12 @@ def write_corpus(directory: str | Path) -> dict[str, ShardExpectation]:
     put("trunc-edge-000000", cut_at_boundary(full), three, read=3, truncated_=True)
     put("empty-000000", tar_bytes([]), [], read=0)
     put("short-000000", tar_bytes(good[:2]), good[:2], truncated_=True, expected=3)
+
+    from .hostile_corpus import image_format_cases, sidecar_cases, write_hostile_shards
+
+    images = image_format_cases()
+    put("bad-000001", tar_bytes(images), images, expected=len(images))
+    sidecars = sidecar_cases()
+    put("bad-000002", tar_bytes(sidecars), sidecars)
+    write_hostile_shards(put)
     return out

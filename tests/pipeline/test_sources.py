@@ -14,6 +14,7 @@ from typing import ClassVar
 import pytest
 
 from pipeline import sources
+from pipeline.shard_bytes import TarBytes, describe_bytes
 from pipeline.sources import (
     ShardRef,
     expand_braces,
@@ -121,10 +122,13 @@ def test_corpus_shards_report_as_expected(corpus_dir) -> None:
         assert report.samples_read == exp.samples_read, stem
         assert report.truncated == exp.truncated, (stem, report)
         assert report.expected == exp.expected, stem
-        assert (report.error is not None) == exp.truncated, (stem, report.error)
+        assert (report.error is not None) == (exp.truncated or exp.error is not None), (stem, report.error)
+        assert exp.error_matches(report.error), (stem, report.error)
+        assert not report.read_failed, stem
+        assert len({s.key for s in samples}) == len(samples), stem
         for s in samples:
             assert s.shard == stem
-            assert {"jpg", "jpeg", "png", "webp", "json"} & set(s.files) or s.errors, (stem, s.key)
+            assert s.files or s.errors or s.notes, (stem, s.key)
 
 
 def test_truncation_detected_both_ways(corpus_dir) -> None:
@@ -218,16 +222,23 @@ def test_oversized_member_is_refused_per_sample(tmp_path: Path) -> None:
     assert reader.report.error is None
 
 
-def test_corrupt_header_fails_the_shard_with_offset(tmp_path: Path) -> None:
-    data = bytearray(corpus.tar_bytes(corpus.good_cases()[:2]))
+def test_corrupt_header_resyncs_and_flags_the_samples_beside_the_gap(tmp_path: Path) -> None:
+    cases = corpus.good_cases()
+    data = bytearray(corpus.tar_bytes(cases))
     spans = corpus.member_spans(bytes(data))
     header_of_third = spans[2][1] - 512
     data[header_of_third:header_of_third + 512] = b"\x7f" * 512
     (tmp_path / "bad.tar").write_bytes(bytes(data))
     reader = iter_samples(str(tmp_path / "bad.tar"))
     samples = list(reader)
-    assert [s.key for s in samples] == ["good/000000"]
+    assert [s.key for s in samples] == [c.key for c in cases]
+    assert "damaged right after" in samples[0].errors[0] and "damaged right before" in samples[1].errors[0]
+    assert sorted(samples[1].files) == ["png"]  # its json member's header was the one destroyed
+    assert not samples[2].errors and not samples[3].errors
+    assert samples[3].files == cases[3].members
     assert f"corrupt tar header at byte {header_of_third}" in reader.report.error
+    assert f"next valid header at byte {header_of_third + 1024}" in reader.report.error
+    assert not reader.report.truncated and reader.report.samples_read == 4
 
 
 class _Flaky(io.BytesIO):
@@ -394,3 +405,172 @@ def test_non_utf8_member_names_become_printable_distinct_keys(tmp_path: Path) ->
     keys = [s.key for s in iter_samples(str(tmp_path / "latin.tar"))]
     assert keys == ["caf\\xe9", "cafe"]
     assert all(k.encode("utf-8") for k in keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compressed shards, damaged tars, odd members
+
+
+def test_compressed_shard_names_and_indexes(tmp_path: Path) -> None:
+    import gzip
+
+    cases = corpus.good_cases()
+    data = gzip.compress(corpus.tar_bytes(cases), mtime=0)
+    for name in ("a.tar.gz", "b.tgz", "c.TAR.GZ"):
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "a.idx.json").write_text(json.dumps({"num_samples": 4}))
+    (tmp_path / "_index.json").write_text(json.dumps({"b": 5}))
+    refs = expand_shards(str(tmp_path / "*[zZ]"))
+    assert [r.name for r in refs] == ["a", "b", "c"]
+    assert read_expected_count(str(tmp_path / "a.tar.gz")) == 4
+    assert read_expected_count(str(tmp_path / "b.tgz")) == 5
+    for ref in refs:
+        reader = iter_samples(ref.url, shard=ref.name)
+        samples = list(reader)
+        assert [s.files for s in samples] == [c.members for c in cases]
+        assert reader.report.bytes_read == len(data)  # counts shard (compressed) bytes
+    assert sources.shard_names(["x/s.tar", "y/s.tar.gz"])[0].startswith("s-")  # same stem: disambiguated
+
+
+def test_compression_formats_and_bombs_stream_in_bounded_pieces(monkeypatch) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    plain = corpus.tar_bytes(corpus.good_cases())
+    for packed in (gzip.compress(plain), bz2.compress(plain), lzma.compress(plain)):
+        monkeypatch.setattr(sources, "open_with_retry", lambda *a, **k: io.BytesIO(packed))
+        reader = iter_samples("mem://x.tar", use_index=False)
+        assert len(list(reader)) == 4 and reader.report.error is None
+    # 64 MiB of zeros gzip to ~64 KiB; the reader stops at the first zero block and never holds more than a
+    # bounded piece of the output.
+    stream = TarBytes(_Stream(gzip.compress(b"\0" * (64 << 20))), [])
+    assert stream.read(1 << 20) == b"\0" * (1 << 20)
+    assert len(stream._out) == 0 and len(stream._pending) <= 1 << 16
+
+
+class _Stream(io.BytesIO):
+    """A BytesIO with the ``offset``/``skip`` of the reader's raw stream."""
+
+    @property
+    def offset(self) -> int:
+        return self.tell()
+
+    def skip(self, n: int) -> int:
+        return len(self.read(n))
+
+
+def test_corrupt_cut_and_padded_compressed_streams(monkeypatch, caplog) -> None:
+    import gzip
+
+    plain = corpus.tar_bytes(corpus.good_cases())
+    packed = gzip.compress(plain, mtime=0)
+    corrupt = bytearray(packed)
+    corrupt[len(packed) // 2: len(packed) // 2 + 64] = b"\xff" * 64
+    padded = packed + b"\0" * 1000  # tape-style zero padding after the gzip stream
+    results = {}
+    for name, data in (("corrupt", bytes(corrupt)), ("cut", packed[:30]), ("padded", padded)):
+        monkeypatch.setattr(sources, "open_with_retry", lambda *a, d=data, **k: io.BytesIO(d))
+        reader = iter_samples("mem://x.tar", use_index=False)
+        results[name] = (list(reader), reader.report)
+    samples, report = results["corrupt"]
+    assert "corrupt gzip data" in report.error and not report.read_failed and not report.truncated
+    samples, report = results["cut"]
+    assert samples == [] and report.truncated and "gzip stream ends before its end marker" in report.error
+    samples, report = results["padded"]
+    assert len(samples) == 4 and report.error is None
+    assert any("1000 bytes of non-gzip data" in p for p in report.problems)
+
+
+def test_read_failure_inside_a_compressed_shard_is_a_read_failure(monkeypatch) -> None:
+    import gzip
+
+    packed = gzip.compress(corpus.tar_bytes(corpus.good_cases()), mtime=0)
+    monkeypatch.setattr(sources, "open_with_retry", lambda *a, **k: _Flaky(packed, fail_at=len(packed) // 2))
+    _Flaky.budget["n"] = 100
+    reader = iter_samples("mem://x.tar.gz", use_index=False, backoff_s=0.0, open_retries=1)
+    list(reader)
+    assert reader.report.read_failed and "failed at byte offset" in reader.report.error
+
+
+def _raw_member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE, size: int | None = None) -> bytes:
+    """One ustar header (with ``size`` forced if given) plus padded data, written by hand."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data)
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    if size is not None:
+        header[124:136] = b"%011o\0" % size
+        header[148:156] = b" " * 8
+        header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header) + data + b"\0" * ((512 - len(data) % 512) % 512)
+
+
+def test_link_members_with_a_declared_size_have_no_data_as_in_tarfile(tmp_path: Path) -> None:
+    jpg = corpus.good_jpeg()
+    data = (_raw_member("a.jpg", jpg) + _raw_member("a.json", b"", tarfile.SYMTYPE, size=1000)
+            + _raw_member("b.jpg", jpg) + b"\0" * 1024)
+    (tmp_path / "l.tar").write_bytes(data)
+    with tarfile.open(tmp_path / "l.tar") as tar:  # the reference reader agrees
+        assert [m.name for m in tar.getmembers()] == ["a.jpg", "a.json", "b.jpg"]
+    reader = iter_samples(str(tmp_path / "l.tar"))
+    samples = list(reader)
+    assert [(s.key, sorted(s.files)) for s in samples] == [("a", ["jpg"]), ("b", ["jpg"])]
+    assert "symbolic link" in samples[0].notes[0] and reader.report.error is None
+
+
+def test_bad_pax_headers_flag_the_member_and_resync(tmp_path: Path) -> None:
+    jpg = corpus.good_jpeg()
+    bad_record = _raw_member("pax", b"99 path=x\n", tarfile.XHDTYPE)
+    bad_size = _raw_member("pax", b"15 size=-12345\n", tarfile.XHDTYPE)
+    data = (_raw_member("a.jpg", jpg) + bad_record + _raw_member("b.jpg", jpg) + _raw_member("c.jpg", jpg)
+            + bad_size + _raw_member("d.jpg", jpg) + _raw_member("e.jpg", jpg) + b"\0" * 1024)
+    (tmp_path / "p.tar").write_bytes(data)
+    reader = iter_samples(str(tmp_path / "p.tar"))
+    samples = {s.key: s for s in reader}
+    assert list(samples) == ["a", "b", "c", "d", "e"]
+    assert all(s.files["jpg"] == jpg for s in samples.values())  # alignment kept throughout
+    assert "malformed pax header" in samples["b"].errors[0] and "invalid size" in samples["d"].errors[0]
+    assert not samples["a"].errors and not samples["c"].errors and not samples["e"].errors
+    assert "malformed pax header" in reader.report.error and "invalid size" in reader.report.error
+
+
+def test_sparse_and_unknown_type_members_are_skipped(tmp_path: Path) -> None:
+    jpg = corpus.good_jpeg()
+    data = (_raw_member("a.jpg", jpg) + _raw_member("v.jpg", b"volume", b"V") + _raw_member("s.jpg", jpg, b"S")
+            + _raw_member("b.jpg", jpg) + b"\0" * 1024)
+    (tmp_path / "s.tar").write_bytes(data)
+    reader = iter_samples(str(tmp_path / "s.tar"))
+    samples = list(reader)
+    assert [s.key for s in samples] == ["a", "v", "s", "b"] and samples[3].files["jpg"] == jpg
+    assert "unknown type" in samples[1].notes[0] and "sparse file" in samples[2].notes[0]
+    assert reader.report.error is None
+
+
+def test_problems_are_capped_and_counted(tmp_path: Path) -> None:
+    extra = [(f"noext{i}", b"x") for i in range(250)]
+    (tmp_path / "n.tar").write_bytes(corpus.tar_bytes([], extra=extra))
+    reader = iter_samples(str(tmp_path / "n.tar"))
+    assert list(reader) == []
+    assert len(reader.report.problems) == sources.MAX_REPORTED_PROBLEMS + 1
+    assert reader.report.problems[-1] == "... and 150 more problems"
+
+
+def test_a_reader_bug_becomes_a_report_not_an_exception(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "a.tar").write_bytes(corpus.tar_bytes(corpus.good_cases()))
+
+    def broken(name: str):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sources, "split_member_name", broken)
+    reader = iter_samples(str(tmp_path / "a.tar"))
+    assert list(reader) == []
+    assert reader.report.error == "unexpected RuntimeError while reading the shard: boom"
+    assert not reader.report.read_failed
+
+
+def test_describe_bytes_names_common_impostors() -> None:
+    assert describe_bytes(b"PK\x03\x04rest") == "a zip archive"
+    assert describe_bytes(b"  <!DOCTYPE html><html>") == "HTML text"
+    assert describe_bytes(b"\x00\x00\x00\x1cftypavif") == "an AVIF image"
+    assert describe_bytes(corpus.tar_bytes(corpus.good_cases()[:1])) == "a tar archive"
+    assert describe_bytes(bytes(range(256))) is None
