@@ -6,22 +6,34 @@ unless ``ok``, whose ``error`` says why in words a person can act on.
 
 Image policy:
 
-- The image is the first present member among ``jpg``, ``jpeg``, ``png``, ``webp`` (in that order).
+- The image is the first present member among ``IMAGE_EXTENSIONS`` (``jpg``, ``jpeg``, ``png``, ``webp``, then
+  ``gif``, ``bmp``, ``tif``, ``tiff``); other image members of the sample are noted, not decoded. Extensions are
+  matched case-insensitively (the reader lowercases them).
+- The content decides the decoder, not the extension (a JPEG in a ``.png`` member decodes, with a note), but only
+  the formats in ``IMAGE_FORMATS`` are decoded: Pillow's other plugins (ICO, PSD, EPS, ...) are never run on
+  shard data. Anything else is a ``decode_error`` that names what the bytes look like.
 - Dimensions are checked against ``max_pixels`` from the header, before pixel data is decoded.
-- Pixel data is decoded completely (``LOAD_TRUNCATED_IMAGES`` forced off), so truncated files are errors.
-- EXIF orientation is applied; ``width``/``height`` are those of the oriented image.
+- Pixel data is decoded completely (``LOAD_TRUNCATED_IMAGES`` forced off while opening and decoding), so
+  truncated files are errors.
+- Animated or multi-page images (GIF, APNG, WebP, TIFF, MPO) give their first frame, with a note.
+- EXIF orientations 2..8 are applied; ``width``/``height`` are those of the oriented image. A missing, invalid
+  (0, 9, text) or unreadable orientation leaves the pixels as stored, with a note when it was present but unusable.
 - Every mode becomes ``HxWx3`` uint8 RGB. Alpha (``RGBA``, ``LA``, ``P`` with transparency, ...) is composited
   onto a white background, so transparent regions look the way viewers show them rather than exposing whatever
   colour the encoder left under alpha = 0. 16-bit data (``I;16*``, or ``I`` with values up to 65535) keeps its
-  high byte (``>> 8``); ``I``/``F`` data outside that range is min-max scaled.
+  high byte (``>> 8``); ``I``/``F`` data outside that range is min-max scaled over its finite values (NaN and
+  -inf become black, +inf white).
 
-Sidecar policy (``json`` member, optional): malformed JSON or malformed prompt lists give ``bad_prompt`` (the image
-is still decoded, so ``width``/``height`` are known). Individual boxes/points that are NaN/inf, zero-area,
-inverted or entirely outside the image are dropped with a reason; boxes partly outside are clipped.
+Sidecar policy (``json`` member, optional): UTF-8 (a byte-order mark is allowed, as are UTF-16/32 with one). A
+sidecar over ``max_sidecar_bytes``, malformed JSON or malformed prompt lists give ``bad_prompt`` (the image is
+still decoded, so ``width``/``height`` are known). Individual boxes/points that are NaN/inf/null, zero-area,
+inverted or entirely outside the image are dropped with a reason; boxes partly outside are clipped. Prompts past
+``max_prompts`` per sample are dropped with a reason, which bounds the model stage's work per image.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -34,13 +46,29 @@ from typing import Any
 
 import numpy as np
 
+from .shard_bytes import describe_bytes
 from .sources import Sample
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# Pillow format ids that may decode shard data (its JPEG reader also opens MPO, camera JPEGs with extra frames).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Members named like images in formats that are not decoded: they get a precise reason instead of "no image".
+UNSUPPORTED_IMAGE_EXTENSIONS = ("heic", "heif", "avif", "jxl", "jp2", "j2k", "ico", "cur", "psd", "svg", "eps",
+                                "pdf", "tga", "dds", "exr", "hdr", "pcx", "ppm", "pgm", "pbm", "pnm", "qoi",
+                                "dng", "cr2", "cr3", "nef", "arw", "raw")
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+DEFAULT_MAX_SIDECAR_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_PROMPTS = 1000
+MAX_LISTED_DROPS = 20
 STATUSES = ("ok", "decode_error", "bad_prompt", "no_prompts", "model_error")
+_EXTENSION_FORMATS = {"jpg": ("jpeg", "mpo"), "jpeg": ("jpeg", "mpo"), "png": ("png",), "webp": ("webp",),
+                      "gif": ("gif",), "bmp": ("bmp",), "tif": ("tiff",), "tiff": ("tiff",)}
+# EXIF orientation -> the transpose that shows the image upright (EXIF 2.3, tag 0x0112).
+_ORIENTATION_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                          6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+_EXIF_ORIENTATION = 0x0112
 _PIL_LOCK = threading.Lock()
 _STRICT: dict[str, Any] = {"depth": 0, "saved": False}
 
@@ -49,7 +77,8 @@ _STRICT: dict[str, Any] = {"depth": 0, "saved": False}
 class DecodedSample:
     """A decoded sample. ``image`` is ``HxWx3`` uint8 RGB or None; ``boxes_xyxy`` ``[N, 4]`` float64 and
     ``points`` ``[M, 2]`` float64 in original (EXIF-oriented) pixels; ``scores``/``labels`` align with
-    ``boxes_xyxy``; ``dropped_prompts`` lists ``(index, reason)`` for prompts that were discarded."""
+    ``boxes_xyxy``; ``dropped_prompts`` lists ``(where, reason)`` for discarded prompts (at most
+    ``MAX_LISTED_DROPS`` of them plus a summary entry; ``num_prompts_dropped`` is the full count)."""
 
     key: str
     image: np.ndarray | None
@@ -66,10 +95,11 @@ class DecodedSample:
     labels: list[str | None] = field(default_factory=list)
     dropped_prompts: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dropped_total: int | None = None
 
     @property
     def num_prompts_dropped(self) -> int:
-        return len(self.dropped_prompts)
+        return len(self.dropped_prompts) if self.dropped_total is None else self.dropped_total
 
     @property
     def has_prompts(self) -> bool:
@@ -103,28 +133,41 @@ def _strict_truncation() -> Iterator[None]:
                 ImageFile.LOAD_TRUNCATED_IMAGES = _STRICT["saved"]
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages quote input, and input can be megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _gray_to_u8(img: Any) -> np.ndarray:
+    """Single-channel 16-bit/32-bit/float pixels -> ``HxW`` uint8 (see the module docstring)."""
+    mode = img.mode
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if mode.startswith("I;16"):
+        return (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    values = arr.astype(np.float64)
+    finite = np.isfinite(values)
+    lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+    if mode == "I" and lo >= 0 and hi <= 255:
+        return arr.astype(np.uint8)
+    if mode == "I" and lo >= 0 and hi <= 65535:
+        return (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    values = np.where(finite, values, np.where(np.isposinf(values), hi, lo))
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return ((values - lo) * scale).round().clip(0, 255).astype(np.uint8)
+
+
 def _to_rgb(img: Any) -> np.ndarray:
     """Any PIL mode -> ``HxWx3`` uint8 RGB (see the module docstring for the alpha and 16-bit policy)."""
     from PIL import Image
 
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         rgb = img
     elif mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img)
-        if arr.ndim == 3:
-            arr = arr[..., 0]
-        if mode.startswith("I;16"):
-            gray = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-        else:
-            lo, hi = float(np.nanmin(arr)) if arr.size else 0.0, float(np.nanmax(arr)) if arr.size else 0.0
-            if mode == "I" and lo >= 0 and hi <= 255:
-                gray = arr.astype(np.uint8)
-            elif mode == "I" and lo >= 0 and hi <= 65535:
-                gray = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-            else:
-                scale = 255.0 / (hi - lo) if hi > lo else 0.0
-                gray = np.nan_to_num((arr.astype(np.float64) - lo) * scale).round().clip(0, 255).astype(np.uint8)
+        gray = _gray_to_u8(img)
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
     elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) or (
         mode in ("L", "RGB") and "transparency" in img.info
@@ -140,44 +183,91 @@ def _to_rgb(img: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str, list[str]]:
+def _unidentified_reason(data: bytes) -> str:
+    """Why none of ``IMAGE_FORMATS`` could open ``data``: the error of the plugin whose signature matches
+    (a PNG with a bad header checksum), else what the bytes look like."""
+    from PIL import Image
+
+    Image.init()
+    for fmt in IMAGE_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None or (accept is not None and not accept(data[:16])):
+            continue
+        try:
+            factory(io.BytesIO(data), "").close()
+        except Exception as exc:  # the plugin's own complaint is the most precise reason available
+            return (f"cannot read image header ({fmt.lower()}); the file is truncated or corrupt: "
+                    f"{type(exc).__name__}: {exc}")
+    what = describe_bytes(data)
+    supported = ", ".join(f.lower() for f in IMAGE_FORMATS)
+    if what and ("image" in what or "icon" in what or "cursor" in what or "Photoshop" in what
+                 or "texture" in what or "codestream" in what):
+        return f"not a recognised image format: the data looks like {what}, which is not decoded (supported: " \
+               f"{supported})"
+    hint = f", looks like {what}" if what else ""
+    return f"not a recognised image format ({len(data)} bytes, starts with {data[:8]!r}{hint})"
+
+
+def _orient(img: Any, notes: list[str]) -> Any:
+    """Apply the EXIF orientation (2..8); unusable tags leave the image as stored, with a note."""
+    from PIL import Image
+
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION)
+    except Exception as exc:  # a corrupt EXIF block must not cost the image: the pixels are fine
+        notes.append(f"EXIF block unreadable ({type(exc).__name__}: {exc}); orientation not applied")
+        return img
+    if orientation is None or orientation == 1:
+        return img
+    if isinstance(orientation, bool) or not isinstance(orientation, int) or orientation not in _ORIENTATION_TRANSPOSE:
+        notes.append(f"EXIF orientation {_short(orientation, 40)} is not one of 1..8; ignored")
+        return img
+    return img.transpose(getattr(Image.Transpose, _ORIENTATION_TRANSPOSE[orientation]))
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, extension: str | None = None
+) -> tuple[np.ndarray, str, list[str]]:
     """Bytes of an image file -> (``HxWx3`` uint8 RGB, lowercase format name, notes).
 
-    Raises ``ImageDecodeError`` with a reason for empty data, non-image bytes, images over ``max_pixels``
-    (checked from the header before decoding), truncated or corrupt pixel data.
+    Raises ``ImageDecodeError`` with a reason for empty data, unsupported or non-image bytes, images over
+    ``max_pixels`` (checked from the header before decoding), truncated or corrupt pixel data. ``extension``
+    (the member's, e.g. ``"png"``) only adds a note when the content is another format.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ImageDecodeError("image member is empty (0 bytes)")
     notes: list[str] = []
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image dimensions exceed the pixel limit (decompression bomb): {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"not a recognised image format ({len(data)} bytes, starts with "
-                               f"{data[:8]!r})") from exc
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot read image header: {type(exc).__name__}: {exc}") from exc
-    fmt = (img.format or "unknown").lower()
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"image has empty dimensions {width}x{height}")
-    if width * height > max_pixels:
-        raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over max_pixels="
-                               f"{max_pixels} (decompression bomb guard); not decoded")
-    try:
-        with _strict_truncation():
+    with _strict_truncation():
+        try:
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise ImageDecodeError(f"image dimensions exceed the pixel limit (decompression bomb): {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageDecodeError(_unidentified_reason(data)) from exc
+        except Exception as exc:
+            raise ImageDecodeError(f"cannot read image header; the file is truncated or corrupt: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        fmt = (img.format or "unknown").lower()
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageDecodeError(f"image has empty dimensions {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageDecodeError(f"image is {width}x{height} = {width * height} pixels, over max_pixels="
+                                   f"{max_pixels} (decompression bomb guard); not decoded")
+        if extension is not None and fmt not in _EXTENSION_FORMATS.get(extension, (fmt,)):
+            notes.append(f"member .{extension} holds {fmt} data; decoded as {fmt}")
+        try:
+            if getattr(img, "is_animated", False):
+                notes.append(f"{fmt} has several frames or pages; the first was used")
+        except Exception as exc:  # a broken later frame does not matter: only the first is decoded
+            notes.append(f"could not inspect later frames ({type(exc).__name__}: {exc}); the first was used")
+        try:
             img.load()
-    except Exception as exc:
-        raise ImageDecodeError(f"{fmt} pixel data is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
-    try:
-        oriented = ImageOps.exif_transpose(img)
-        if oriented is not None:
-            img = oriented
-    except Exception as exc:
-        notes.append(f"EXIF orientation ignored: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            raise ImageDecodeError(f"{fmt} pixel data is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
+    img = _orient(img, notes)
     try:
         arr = _to_rgb(img)
     except ImageDecodeError:
@@ -194,14 +284,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 def _finite_vector(value: Any, length: int, what: str, index: int) -> list[float]:
     """A list of ``length`` real numbers (NaN/inf allowed here, filtered by the caller); ValueError otherwise."""
     if not isinstance(value, (list, tuple)) or len(value) != length:
-        raise ValueError(f"{what}[{index}] must be a list of {length} numbers, got {value!r}")
+        raise ValueError(f"{what}[{index}] must be a list of {length} numbers, got {_short(value)}")
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             if v is None:
                 out.append(math.nan)
                 continue
-            raise ValueError(f"{what}[{index}] must be numeric, got {v!r}")
+            raise ValueError(f"{what}[{index}] must be numeric, got {_short(v)}")
         out.append(_to_float(v))
     return out
 
@@ -214,8 +304,20 @@ def _to_float(v: float) -> float:
         return math.inf if v > 0 else -math.inf
 
 
+def _clean_text(text: str) -> str:
+    """JSON escapes can produce lone surrogates, which no UTF-8 writer (Arrow, Parquet) accepts: escape them."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _optional_list(sidecar: dict, name: str) -> list | tuple | None:
+    value = sidecar.get(name)
+    if value is not None and not isinstance(value, (list, tuple)):
+        raise ValueError(f"sidecar '{name}' must be a list, got {type(value).__name__} {_short(value, 40)}")
+    return value
+
+
 def validate_sidecar_prompts(
-    sidecar: dict, width: int, height: int
+    sidecar: dict, width: int, height: int, *, max_prompts: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[float | None], list[str | None], list[tuple[str, str]]]:
     """Validate a sidecar's ``boxes`` (``[[x0,y0,x1,y1], ...]``), ``points`` (``[[x,y], ...]``), ``scores`` and
     ``labels`` against an image of ``width`` x ``height`` original pixels.
@@ -224,31 +326,29 @@ def validate_sidecar_prompts(
     ``labels`` align with the kept boxes and ``dropped`` holds ``("boxes[i]" | "points[i]", reason)``.
     Boxes with NaN/inf (or null) coordinates, zero or negative area, or lying entirely outside the image are
     dropped; boxes partly outside are clipped to ``[0, width] x [0, height]``; points outside or non-finite are
-    dropped. Raises ``ValueError`` for structurally malformed prompts (not a list, wrong arity, non-numeric
-    values, ``scores``/``labels`` whose length differs from ``boxes``).
+    dropped; with ``max_prompts``, valid boxes and then points past that many are dropped. Raises ``ValueError``
+    for structurally malformed prompts (a value of the wrong type, wrong arity, non-numeric values, labels that
+    are not strings or numbers, ``scores``/``labels`` whose length differs from ``boxes``).
     """
     if not isinstance(sidecar, dict):
         raise ValueError(f"sidecar must be a JSON object, got {type(sidecar).__name__}")
-    raw_boxes = sidecar.get("boxes") or []
-    raw_points = sidecar.get("points") or []
-    raw_scores = sidecar.get("scores")
-    raw_labels = sidecar.get("labels")
-    for name, value in (("boxes", raw_boxes), ("points", raw_points)):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"sidecar '{name}' must be a list, got {type(value).__name__}")
+    raw_boxes = _optional_list(sidecar, "boxes") or []
+    raw_points = _optional_list(sidecar, "points") or []
+    raw_scores = _optional_list(sidecar, "scores")
+    raw_labels = _optional_list(sidecar, "labels")
     for name, value in (("scores", raw_scores), ("labels", raw_labels)):
-        if value is None:
-            continue
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"sidecar '{name}' must be a list, got {type(value).__name__}")
-        if len(value) != len(raw_boxes):
+        if value is not None and len(value) != len(raw_boxes):
             raise ValueError(f"sidecar '{name}' has {len(value)} entries but 'boxes' has {len(raw_boxes)}")
     scores_in: list[float | None] = []
     for i, s in enumerate(raw_scores or [None] * len(raw_boxes)):
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
-            raise ValueError(f"scores[{i}] must be a number or null, got {s!r}")
+            raise ValueError(f"scores[{i}] must be a number or null, got {_short(s)}")
         scores_in.append(None if s is None or not math.isfinite(_to_float(s)) else _to_float(s))
-    labels_in: list[str | None] = [None if lb is None else str(lb) for lb in (raw_labels or [None] * len(raw_boxes))]
+    labels_in: list[str | None] = []
+    for i, lb in enumerate(raw_labels or [None] * len(raw_boxes)):
+        if lb is not None and (isinstance(lb, bool) or not isinstance(lb, (str, int, float))):
+            raise ValueError(f"labels[{i}] must be a string, a number or null, got {_short(lb)}")
+        labels_in.append(None if lb is None else _clean_text(str(lb)))
 
     dropped: list[tuple[str, str]] = []
     boxes: list[list[float]] = []
@@ -258,13 +358,16 @@ def validate_sidecar_prompts(
         x0, y0, x1, y1 = _finite_vector(raw, 4, "boxes", i)
         where = f"boxes[{i}]"
         if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-            dropped.append((where, f"non-finite coordinate in {raw!r}"))
+            dropped.append((where, f"non-finite coordinate in {_short(raw)}"))
             continue
         if x1 <= x0 or y1 <= y0:
-            dropped.append((where, f"zero or negative area: {raw!r}"))
+            dropped.append((where, f"zero or negative area: {_short(raw)}"))
             continue
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            dropped.append((where, f"entirely outside the {width}x{height} image: {raw!r}"))
+            dropped.append((where, f"entirely outside the {width}x{height} image: {_short(raw)}"))
+            continue
+        if max_prompts is not None and len(boxes) >= max_prompts:
+            dropped.append((where, f"over the limit of {max_prompts} prompts per sample"))
             continue
         clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height),
                    min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
@@ -276,24 +379,37 @@ def validate_sidecar_prompts(
         x, y = _finite_vector(raw, 2, "points", i)
         where = f"points[{i}]"
         if not (math.isfinite(x) and math.isfinite(y)):
-            dropped.append((where, f"non-finite coordinate in {raw!r}"))
+            dropped.append((where, f"non-finite coordinate in {_short(raw)}"))
         elif not (0 <= x <= width and 0 <= y <= height):
-            dropped.append((where, f"outside the {width}x{height} image: {raw!r}"))
+            dropped.append((where, f"outside the {width}x{height} image: {_short(raw)}"))
+        elif max_prompts is not None and len(boxes) + len(points) >= max_prompts:
+            dropped.append((where, f"over the limit of {max_prompts} prompts per sample"))
         else:
             points.append([x, y])
     return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(points, dtype=np.float64).reshape(-1, 2),
             scores, labels, dropped)
 
 
-def _parse_sidecar(data: bytes) -> dict:
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _parse_sidecar(data: bytes, max_bytes: int = DEFAULT_MAX_SIDECAR_BYTES) -> dict:
+    if len(data) > max_bytes:
+        raise ValueError(f"sidecar JSON is {len(data)} bytes, over the limit of {max_bytes} bytes; not parsed")
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
     try:
-        value = json.loads(data.decode("utf-8"))
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise ValueError(f"sidecar JSON is not UTF-8: {exc}") from exc
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"malformed sidecar JSON: {exc}") from exc
     except RecursionError as exc:
         raise ValueError("malformed sidecar JSON: nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+        raise ValueError(f"malformed sidecar JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ValueError(f"sidecar JSON must be an object, got {type(value).__name__}")
     return value
@@ -308,16 +424,19 @@ def decode_sample(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     require_prompts: bool = False,
+    max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES,
+    max_prompts: int = DEFAULT_MAX_PROMPTS,
 ) -> DecodedSample:
     """Decode ``sample`` (see the module docstring). Never raises for bad input.
 
     Status precedence: read errors attached to the sample, a missing or undecodable image → ``decode_error``;
-    malformed sidecar JSON or prompt lists → ``bad_prompt``; with ``require_prompts`` (sidecar prompt mode), a
-    sample left with no valid box or point → ``no_prompts``; otherwise ``ok``. An unexpected exception is logged
-    with its traceback and becomes ``decode_error`` naming the exception type.
+    an oversized or malformed sidecar or malformed prompt lists → ``bad_prompt``; with ``require_prompts``
+    (sidecar prompt mode), a sample left with no valid box or point → ``no_prompts``; otherwise ``ok``. An
+    unexpected exception is logged with its traceback and becomes ``decode_error`` naming the exception type.
     """
     try:
-        return _decode_sample(sample, max_pixels=max_pixels, require_prompts=require_prompts)
+        return _decode_sample(sample, max_pixels=max_pixels, require_prompts=require_prompts,
+                              max_sidecar_bytes=max_sidecar_bytes, max_prompts=max_prompts)
     except Exception as exc:
         logger.exception("unexpected error decoding sample %s/%s", sample.shard, sample.key)
         return DecodedSample(key=sample.key, image=None, width=None, height=None, source_format=None,
@@ -325,13 +444,28 @@ def decode_sample(
                              sidecar=None, shard=sample.shard)
 
 
-def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool) -> DecodedSample:
+def _no_image_reason(sample: Sample) -> str:
+    unsupported = [ext for ext in sample.files if ext in UNSUPPORTED_IMAGE_EXTENSIONS]
+    if unsupported:
+        reason = (f"image member .{unsupported[0]} is in a format that is not decoded (supported members: "
+                  f"{', '.join(IMAGE_EXTENSIONS)})")
+    else:
+        members = ", ".join(sorted(sample.files)) or "none"
+        reason = f"no image member (expected one of {', '.join(IMAGE_EXTENSIONS)}; members: {members})"
+    if sample.notes:
+        reason += "; " + "; ".join(sample.notes[:3])
+    return reason
+
+
+def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool, max_sidecar_bytes: int,
+                   max_prompts: int) -> DecodedSample:
     out = DecodedSample(key=sample.key, image=None, width=None, height=None, source_format=None,
                         status="ok", error=None, sidecar=None, shard=sample.shard)
+    out.notes.extend(sample.notes)
     sidecar_error: str | None = None
     if "json" in sample.files:
         try:
-            out.sidecar = _parse_sidecar(sample.files["json"])
+            out.sidecar = _parse_sidecar(sample.files["json"], max_sidecar_bytes)
         except ValueError as exc:
             sidecar_error = str(exc)
 
@@ -344,13 +478,14 @@ def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool) ->
 
     if sample.errors:
         return fail("decode_error", "; ".join(sample.errors))
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
-    if image_ext is None:
-        members = ", ".join(sorted(sample.files)) or "none"
-        return fail("decode_error", f"no image member (expected one of {', '.join(IMAGE_EXTENSIONS)}; "
-                                    f"members: {members})")
+    present = [ext for ext in IMAGE_EXTENSIONS if ext in sample.files]
+    if not present:
+        return fail("decode_error", _no_image_reason(sample))
+    image_ext = present[0]
+    if len(present) > 1:
+        out.notes.append(f"several image members ({', '.join(present)}); decoded .{image_ext}")
     try:
-        image, fmt, notes = decode_image(sample.files[image_ext], max_pixels=max_pixels)
+        image, fmt, notes = decode_image(sample.files[image_ext], max_pixels=max_pixels, extension=image_ext)
     except ImageDecodeError as exc:
         return fail("decode_error", f"{image_ext}: {exc}")
     out.image, out.source_format = image, fmt
@@ -360,11 +495,15 @@ def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool) ->
         return fail("bad_prompt", sidecar_error)
     if out.sidecar is not None:
         try:
-            boxes, points, scores, labels, dropped = validate_sidecar_prompts(out.sidecar, out.width, out.height)
+            boxes, points, scores, labels, dropped = validate_sidecar_prompts(
+                out.sidecar, out.width, out.height, max_prompts=max_prompts)
         except (ValueError, TypeError) as exc:
             return fail("bad_prompt", f"invalid sidecar prompts: {exc}")
-        out.boxes_xyxy, out.points, out.scores, out.labels, out.dropped_prompts = (
-            boxes, points, scores, labels, dropped)
+        out.boxes_xyxy, out.points, out.scores, out.labels = boxes, points, scores, labels
+        out.dropped_total = len(dropped)
+        out.dropped_prompts = dropped[:MAX_LISTED_DROPS]
+        if len(dropped) > MAX_LISTED_DROPS:
+            out.dropped_prompts.append(("...", f"and {len(dropped) - MAX_LISTED_DROPS} more prompts dropped"))
     if require_prompts and not out.has_prompts:
         detail = "; ".join(f"{w}: {r}" for w, r in out.dropped_prompts[:5])
         reason = "no valid box or point prompts in the sidecar" if out.sidecar is not None else "no sidecar"
