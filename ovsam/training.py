@@ -1,0 +1,138 @@
+"""What is trained in each OV-SAM stage, and the published optimiser and schedules (OVSAM_SPEC §4.2-4.3).
+
+Stage ``sam2clip`` (distillation) trains the SAM2CLIP neck; stage ``clip2sam`` trains the FPN and the mask
+decoder with its label token, label MLP and ``roi_conv``. Everything else (the CLIP towers, the prompt encoder,
+and the neck in ``clip2sam``) is frozen and kept in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+Stage = Literal["sam2clip", "clip2sam"]
+TRAINABLE: dict[str, tuple[str, ...]] = {"sam2clip": ("neck",), "clip2sam": ("fpn_neck", "mask_decoder")}
+# mmengine's norm_decay_mult applies to torch's own norm classes only, so LayerNorm2d (SAM's, inside the neck)
+# is decayed like any other weight in the published runs.
+NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d,
+                                                nn.InstanceNorm2d)
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in TRAINABLE:
+        raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(TRAINABLE)}")
+
+
+def set_trainable(model: nn.Module, stage: Stage) -> list[nn.Parameter]:
+    """Freeze everything but the stage's modules (``TRAINABLE``); returns the trainable parameters.
+
+    Frozen modules are put in eval mode by :func:`train_mode`; call it instead of ``model.train()``."""
+    _check_stage(stage)
+    model.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for name in TRAINABLE[stage]:
+        module = getattr(model, name)
+        module.requires_grad_(True)
+        params.extend(module.parameters())
+    return params
+
+
+def train_mode(model: nn.Module, stage: Stage) -> nn.Module:
+    """``model.eval()`` with only the stage's trainable modules in train mode."""
+    _check_stage(stage)
+    model.eval()
+    for name in TRAINABLE[stage]:
+        getattr(model, name).train()
+    return model
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and schedule settings. Defaults are CLIP2SAM's (§4.3); :func:`published_optim` gives each stage's."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad_norm: float | None = 0.01
+    warmup_steps: int = 500
+    warmup_factor: float = 1e-3
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: tuple[float, ...] = (8 / 12, 11 / 12)  # fractions of the run: epochs 8 and 11 of 12
+    gamma: float = 0.1
+    eta_min_ratio: float = 0.01  # cosine floor, as a fraction of lr
+
+
+def published_optim(stage: Stage) -> OptimConfig:
+    """The published settings: SAM2CLIP clips at 5.0 with a cosine schedule; CLIP2SAM clips at 0.01 (sic) with
+    steps at 8/12 and 11/12 of the run."""
+    _check_stage(stage)
+    if stage == "sam2clip":
+        return OptimConfig(clip_grad_norm=5.0, schedule="cosine")
+    return OptimConfig()
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two AdamW groups: weights of torch norm layers get no decay, everything else
+    (biases included, as published) gets ``weight_decay``."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if isinstance(module, NO_DECAY_TYPES) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (call :func:`set_trainable` first)."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("the model has no trainable parameters; call set_trainable(model, stage) first")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step`` (0-based): linear warm-up from ``warmup_factor`` over ``warmup_steps``,
+    times the schedule (multistep: ``gamma`` per passed milestone; cosine: from 1 down to ``eta_min_ratio``)."""
+    warm = 1.0
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / cfg.warmup_steps
+    total = max(1, total_steps)
+    if cfg.schedule == "multistep":
+        passed = sum(step >= round(m * total) for m in cfg.milestones)
+        main = cfg.gamma ** passed
+    elif cfg.schedule == "cosine":
+        t = min(step, total) / total
+        main = cfg.eta_min_ratio + (1 - cfg.eta_min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    elif cfg.schedule == "constant":
+        main = 1.0
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected multistep, cosine or constant")
+    return warm * main
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                    cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler for :func:`lr_factor`; its ``state_dict`` resumes it at the saved step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    """Clip the global L2 norm of the gradients to ``max_norm`` (skipped when None); returns the norm before."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -1,0 +1,83 @@
+"""Training set-up: which modules train per stage, AdamW groups, the published schedules and their resumption."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import ovsam
+from ovsam.training import (OptimConfig, build_optimizer, build_scheduler, clip_gradients, lr_factor,
+                            published_optim, set_trainable, train_mode)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ovsam.build_ovsam("ovsam-tiny")
+
+
+def test_clip2sam_trains_fpn_and_decoder_only(model):
+    params = set_trainable(model, "clip2sam")
+    ids = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        trains = name.startswith(("fpn_neck.", "mask_decoder."))
+        assert p.requires_grad == trains and (id(p) in ids) == trains, name
+    train_mode(model, "clip2sam")
+    assert model.mask_decoder.training and model.fpn_neck.training
+    assert not model.backbone.training and not model.neck.training and not model.prompt_encoder.training
+    set_trainable(model, "sam2clip")
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"neck"}
+    with pytest.raises(ValueError, match="clip2sam"):
+        set_trainable(model, "everything")
+
+
+def test_norm_weights_are_not_decayed(model):
+    set_trainable(model, "clip2sam")
+    opt = build_optimizer(model, OptimConfig())
+    decay, no_decay = opt.param_groups
+    norms = {id(p) for m in model.mask_decoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    assert norms and {id(p) for p in no_decay["params"]} == norms and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.05
+    assert id(model.fpn_neck.lateral_convs[0].conv.bias) in {id(p) for p in decay["params"]}
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_trainable
+
+
+def test_published_schedules():
+    c2s = published_optim("clip2sam")
+    assert c2s.clip_grad_norm == 0.01 and c2s.schedule == "multistep"
+    assert lr_factor(0, 1200, c2s) == pytest.approx(1e-3)
+    assert lr_factor(250, 1200, c2s) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert lr_factor(500, 1200, c2s) == 1.0 and lr_factor(799, 1200, c2s) == 1.0
+    assert lr_factor(800, 1200, c2s) == pytest.approx(0.1) and lr_factor(1100, 1200, c2s) == pytest.approx(0.01)
+    s2c = published_optim("sam2clip")
+    assert s2c.clip_grad_norm == 5.0
+    assert lr_factor(1000, 1000, s2c) == pytest.approx(0.01)
+    assert lr_factor(750, 1000, s2c) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+
+
+def test_scheduler_resumes_at_the_saved_step():
+    cfg = OptimConfig(warmup_steps=5, schedule="cosine")
+    w = nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=cfg.lr)
+    sched = build_scheduler(opt, 20, cfg)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    state_o, state_s = opt.state_dict(), sched.state_dict()
+    w2 = nn.Parameter(torch.ones(3))
+    opt2 = torch.optim.AdamW([w2], lr=cfg.lr)
+    sched2 = build_scheduler(opt2, 20, cfg)
+    opt2.load_state_dict(state_o)
+    sched2.load_state_dict(state_s)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(7, 20, cfg))
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert clip_gradients([a, b], 0.01) == pytest.approx(5.0)
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(0.01, rel=1e-4)
+    assert clip_gradients([a, b], None) == pytest.approx(0.01, rel=1e-4)
