@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 FILE_FORMAT = "ovsam-vocabulary"
 FILE_VERSION = "1"
 NORM_TOLERANCE = 1e-3
+# ``ovsam pack`` writes these into classes.json (schemas/training.py, which this package must not import)
+CLASSES_FORMAT_KEY = "format"
+CLASSES_FORMAT = "ovsam-classes"
 
 
 _NORMALIZERS = {"plain": plain_synonyms, "ovsam": split_label}
@@ -227,9 +230,53 @@ class Vocabulary:
             kwargs.setdefault("split", split)
         return cls.from_names(classes, model, **kwargs)
 
+    @staticmethod
+    def read_classes_json(path: str | Path) -> tuple[list[str], list[list[str]], list[int] | None]:
+        """Read the ``classes.json`` of a packed training dataset (``ovsam pack``; format in
+        ``schemas/training.py``): ``(display names, synonyms per class, split or None)``.
+
+        Each class entry is ``"name,synonym,..."``; the display name is the first synonym, with the class's source
+        id (``ids``) or index appended where that name is ambiguous. Raises ``ValueError`` naming the file for
+        anything else, and for a class-agnostic dataset (no classes), which cannot serve as a vocabulary.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON classes file: {e}") from None
+        if not isinstance(data, dict) or data.get(CLASSES_FORMAT_KEY) != CLASSES_FORMAT:
+            raise ValueError(f"{path}: expected a classes file with \"format\": \"{CLASSES_FORMAT}\" (written by "
+                             f"`ovsam pack`)")
+        classes, split, ids = data.get("classes"), data.get("split"), data.get("ids")
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{path}: 'classes' must be a list of 'name,synonym,...' strings")
+        if not classes:
+            raise ValueError(f"{path}: dataset {data.get('dataset')!r} is class-agnostic (no classes), so it cannot "
+                             f"be used as a vocabulary; pass a built-in name or a class list instead")
+        for name, value in (("split", split), ("ids", ids)):
+            if value is not None and (not isinstance(value, list) or len(value) != len(classes)):
+                raise ValueError(f"{path}: {name!r} must be null or have one entry per class ({len(classes)})")
+        synonyms = []
+        for i, entry in enumerate(classes):
+            syn = plain_synonyms(entry)
+            if not syn:
+                raise ValueError(f"{path}: class {i} ({entry!r}) has no name")
+            synonyms.append(syn)
+        counts: dict[str, int] = {}
+        for syn in synonyms:
+            counts[syn[0]] = counts.get(syn[0], 0) + 1
+        names = [s[0] if counts[s[0]] == 1 else f"{s[0]} ({ids[i] if ids is not None else i})"
+                 for i, s in enumerate(synonyms)]
+        if split is not None:
+            bad = [s for s in split if s not in SPLIT_NAMES]
+            if bad:
+                raise ValueError(f"{path}: split values must be base, novel or excluded; got {bad[0]!r}")
+            split = [SPLIT_NAMES[s] for s in split]
+        return names, synonyms, split
+
     @classmethod
     def resolve(cls, spec: str | Path, model: Any, **kwargs: Any) -> Vocabulary:
-        """A built-in name, a file written by :meth:`save` (``model`` unused), or a text class list."""
+        """A built-in name, a file written by :meth:`save` (``model`` unused), a packed dataset's
+        ``classes.json`` (:meth:`read_classes_json`), or a text class list."""
         text = str(spec)
         if text in BUILTINS:
             return cls.from_builtin(text, model, **kwargs)
@@ -238,6 +285,11 @@ class Vocabulary:
             raise ValueError(f"vocabulary {text!r} is neither a built-in ({', '.join(BUILTINS)}) nor a file")
         if _is_saved(path):
             return cls.load(path)
+        if _is_classes_json(path):
+            names, synonyms, split = cls.read_classes_json(path)
+            if split is not None:
+                kwargs.setdefault("split", split)
+            return cls.from_names(synonyms, model, display_names=names, **kwargs)
         return cls.from_file(path, model, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ queries
@@ -470,6 +522,17 @@ def _check_split(split: Any, n: int) -> np.ndarray | None:
         if isinstance(v, str) or v not in (0, 1, 2):
             raise ValueError(f"split values must be 1/'base', 2/'novel' or 0/'excluded'; class {i} has {v!r}")
     return np.asarray(values, dtype=np.int8)
+
+
+def _is_classes_json(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object (then it must be a packed dataset's ``classes.json``; text class lists
+    never start with ``{``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return head.lstrip().startswith(b"{")
 
 
 def _is_saved(path: Path) -> bool:
