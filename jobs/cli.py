@@ -6,6 +6,7 @@
         --sam2clip weights/sam2clip_vith_rn50x16.pth --clip2sam weights/clip2sam_coco_rn50x16.pth \\
         --vocabulary coco -o ovsam_coco.safetensors
     ovsam models                                         # built-in model configs
+    ovsam pack coco --annotations instances_train2017.json --images train2017/ --output packed/coco
     ovsam demo --output demo_out                         # same as `python -m jobs.demo`
 
 Each subcommand is one function; heavy imports (torch, the model library) happen inside it, so ``ovsam --help``
@@ -89,6 +90,13 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     summary = run_annotate(config_from_args(args))
     return 1 if summary is not None and summary.failed else 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Pack a dataset into WebDataset training shards (``jobs.pack``)."""
+    from jobs.pack import run
+
+    return run(args)
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
@@ -200,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description=annotate.__doc__.split("\n\n")[0])
     annotate.add_arguments(ann)
     ann.set_defaults(func=cmd_annotate)
+
+    from jobs import pack
+
+    pk = sub.add_parser("pack", help="pack COCO/LVIS, Objects365/V3Det, class folders, SA-1B or synthetic data "
+                                     "into WebDataset training shards",
+                        description=pack.__doc__.split("\n\n")[0])
+    pack.add_arguments(pk)
+    pk.set_defaults(func=cmd_pack)
 
     from jobs import relabel
 
