@@ -783,8 +783,9 @@ class ShardReader:
                                  "(cut at a member boundary)")
             elif len(buf) < BLOCK:
                 if offset == 0 and buf[257:262] != b"ustar":
-                    raise ValueError(f"not a tar archive: the shard is {len(buf)} bytes, less than one tar header"
-                                     f"{describe_hint(buf)}")
+                    what = f"shard's {self._codec}-decompressed content" if self._codec else "shard"
+                    raise ValueError(f"not a tar archive: the {what} is {len(buf)} bytes, less than one tar "
+                                     f"header{describe_hint(buf)}")
                 raise _Truncated(f"tar truncated inside a header at byte {offset}")
             elif buf == _ZERO_BLOCK:
                 self._after_end(stream, offset, problems)

@@ -402,6 +402,7 @@ def write_hostile_shards(put: Put) -> None:
     put("notar-random-000000", rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), [], error="not a tar archive")
     put("notar-zstd-000000", b"\x28\xb5\x2f\xfd" + rng.integers(0, 256, 300, dtype=np.uint8).tobytes(), [],
         error="zstd")
+    put("notar-gzjson-000000", _gzip(b'{"not": "a tar"}'), [], error="gzip-decompressed content is 16 bytes")
     put("zero-000000", b"", [], truncated_=True, error="0 bytes")
     put("dirs-000000", _tar_with([_special("a", tarfile.DIRTYPE), _special("a/b.d", tarfile.DIRTYPE)]), [])
 
