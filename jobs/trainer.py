@@ -1,0 +1,224 @@
+"""Shared Ray Train scaffolding for the training jobs (``ovsam distill``, ``ovsam train``).
+
+A job writes one ``train_fn(loop_config)`` that reads top to bottom (build model, ``restore()``, loop, ``report``)
+and hands it to :func:`launch`, which runs it on ``num_workers`` Ray Train workers (``TorchTrainer``; gloo on CPU,
+NCCL on GPU). The helpers below work inside a Ray Train worker and also in a plain process (rank 0 of 1), so the
+same loop runs under ``pytest`` without Ray.
+
+Checkpoints: rank 0 writes ``state.pt`` (``torch.save`` of plain tensors/dicts/lists/numbers/strings, read back
+with ``torch.load(weights_only=True)``) plus any extra files the job names (e.g. the project-format model file) and
+reports the directory; Ray Train keeps the newest ``num_to_keep``. After a worker failure (up to ``max_failures``)
+or a relaunch with the same ``(storage_path, name)``, :func:`restore` returns the latest state.
+
+Gradients are averaged by hand with :func:`all_reduce_gradients` instead of DDP: frozen parameters and parameters
+whose gradient is absent on some steps (e.g. the label MLP) make DDP's reducer fail or hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+
+if TYPE_CHECKING:
+    import ray.train
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+# Set in the worker process by the wrapper `launch` installs around `train_fn`; False in a plain process.
+_IN_RAY_TRAIN = False
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How a training run is placed and kept.
+
+    ``storage_path`` is a local directory or an fsspec URL (``s3://bucket/runs``); ``storage_options`` are the
+    fsspec options for it (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``) and never enter logs."""
+
+    name: str  # run name; a relaunch with the same name and storage_path resumes
+    storage_path: str  # where Ray Train keeps checkpoints (local dir or fsspec URL)
+    num_workers: int = 2
+    use_gpu: bool = False  # gloo on CPU, NCCL on GPU
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # FailureConfig
+    num_to_keep: int = 2  # CheckpointConfig
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _storage(cfg: TrainerConfig) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``: local paths made absolute, URLs through fsspec."""
+    if "://" not in cfg.storage_path or cfg.storage_path.startswith("file://"):
+        path = cfg.storage_path.removeprefix("file://")
+        return str(Path(path).expanduser().resolve()), None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(cfg.storage_path, **cfg.storage_options)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+class _Entry:
+    """``train_fn`` marked as running inside a Ray Train worker. A module-level class, so cloudpickle ships it by
+    reference and the flag it sets is this module's (a closure would be shipped by value with its own globals)."""
+
+    def __init__(self, train_fn: Callable[[dict], None]):
+        self.train_fn = train_fn
+        self.__name__ = getattr(train_fn, "__name__", "train_fn")
+
+    def __call__(self, loop_config: dict) -> None:
+        global _IN_RAY_TRAIN
+        _IN_RAY_TRAIN = True
+        self.train_fn(loop_config)
+
+
+def launch(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConfig) -> "ray.train.Result":
+    """Run ``train_fn(loop_config)`` on ``cfg.num_workers`` Ray Train workers and return the result.
+
+    Starts a local Ray instance if none is connected. Raises ``ray.train.TrainingFailedError`` when the run fails
+    more than ``cfg.max_failures`` times."""
+    if cfg.num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
+    if cfg.cpus_per_worker <= 0:
+        raise ValueError(f"cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    storage_path, storage_fs = _storage(cfg)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _Entry(train_fn),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+    )
+    logger.info("training run %r: %d worker(s), storage %s", cfg.name, cfg.num_workers, cfg.storage_path)
+    return trainer.fit()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: from Ray Train inside a worker, ``(0, 1)`` elsewhere."""
+    if not _IN_RAY_TRAIN:
+        return 0, 1
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def read_state(directory: str | Path) -> dict:
+    """The ``state.pt`` of a checkpoint directory, read with ``torch.load(weights_only=True)``."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint directory {directory} has no {STATE_FILE}; it was not written by "
+                                f"jobs.trainer.report")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore() -> dict | None:
+    """The state of the run's latest checkpoint (``ray.train.get_checkpoint()``), or None on a fresh start."""
+    if not _IN_RAY_TRAIN:
+        return None
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = read_state(directory)
+    logger.info("restored checkpoint %s", checkpoint.path)
+    return state
+
+
+def report(metrics: dict, state: dict | None = None,
+           files: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """Report ``metrics``; with ``state``, rank 0 also saves a checkpoint (``state.pt`` and ``files[name](path)``).
+
+    Every rank must call it the same number of times (it is a barrier across workers). Outside Ray Train the
+    metrics are logged and nothing is saved."""
+    if not _IN_RAY_TRAIN:
+        logger.info("metrics: %s", metrics)
+        return
+    import ray.train
+
+    rank, _ = world()
+    if state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="ovsam-ckpt-") as tmp:
+        directory = Path(tmp)
+        torch.save(state, directory / STATE_FILE)
+        for name, write in (files or {}).items():
+            if "/" in name or name in ("", ".", "..", STATE_FILE):
+                raise ValueError(f"checkpoint file name {name!r} must be a plain file name other than "
+                                 f"{STATE_FILE}")
+            write(directory / name)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the workers (no-op in one process).
+
+    A rank without a gradient for a parameter counts as zeros, so every rank reduces the same flat buffer; a
+    parameter no rank has a gradient for keeps ``grad = None`` (the optimiser then skips it, as in one process)."""
+    params = [p for p in params if p.requires_grad]
+    if not _distributed() or not params:
+        return
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+             for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype,
+                           device=params[0].device)
+    flat = torch.cat(grads + [present])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+    for p, flag in zip(params, flat[offset:].tolist()):
+        if flag == 0.0:
+            p.grad = None
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the workers (every rank must pass the same keys); the input in one process."""
+    if not _distributed() or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    t /= torch.distributed.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def shard_slice(urls: list[str]) -> list[str]:
+    """This worker's shards: every ``world_size``-th URL from ``rank`` (disjoint, together all of them).
+
+    Raises ValueError when there are fewer shards than workers, since a worker without shards would stall the
+    others at the next collective."""
+    rank, size = world()
+    if len(urls) < size:
+        raise ValueError(f"{len(urls)} shard(s) for {size} training workers: every worker needs at least one "
+                         f"shard; write more, smaller shards or use fewer workers (--num-workers)")
+    return list(urls[rank::size])
