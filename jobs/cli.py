@@ -99,6 +99,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """SAM2CLIP distillation on Ray Train, or the teacher-embedding dump (``jobs.distill``)."""
+    from jobs.distill import run
+
+    return run(args)
+
+
 def cmd_relabel(args: argparse.Namespace) -> int:
     """Re-label a stored run with a new vocabulary from its region embeddings (``jobs.relabel``)."""
     from jobs.relabel import config_from_args, run_relabel
@@ -216,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description=pack.__doc__.split("\n\n")[0])
     pack.add_arguments(pk)
     pk.set_defaults(func=cmd_pack)
+
+    from jobs import distill
+
+    dis = sub.add_parser("distill", help="distil SAM's image encoder into the SAM2CLIP neck on Ray Train",
+                         description=distill.__doc__.split("\n\n")[0])
+    distill.add_arguments(dis)
+    dis.set_defaults(func=cmd_distill)
 
     from jobs import relabel
 
