@@ -33,7 +33,11 @@ The numbers:
   ``Annotator`` calls, ``write`` the Parquet write and commit, ``other`` the rest of ``process``;
 - ``ratio``: job steady images/s over the model-only reference, where the reference is model-only images/s times
   the number of actors (each actor runs torch on its own T threads; with several actors this assumes linear
-  scaling, so keep actors x cpus-per-worker within the physical cores). ``ratio_wall`` uses the wall rate.
+  scaling, so keep actors x cpus-per-worker within the physical cores). ``ratio_wall`` uses the wall rate;
+- CPU seconds per image (all threads): the model-only loop's, from ``time.process_time``, and the job actors',
+  sampled from ``/proc`` (Linux) over their busy time; ``cpu_ratio`` is model-only over job. Wall-clock rates
+  depend on what else the machine runs; CPU time much less so (except that torch's thread pool burns CPU waiting
+  for descheduled threads), so on a shared machine read ``cpu_ratio`` next to ``ratio``.
 
 Fairness: by default one worker with every CPU Ray has (``--cpus-per-worker`` = ``--ray-cpus`` = all cores). Ray
 sets ``OMP_NUM_THREADS`` to the actor's ``num_cpus`` and torch follows it, so the actor's model runs on the same T
@@ -135,10 +139,12 @@ def measure_model_only(annotator: Any, decoded: dict[str, list[Any]], batch_size
         images = prompts = instances = 0
         statuses: dict[str, int] = {}
         seconds = 0.0
+        cpu_seconds = 0.0
         for batch in batches:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             results = annotator(batch)
             seconds += time.perf_counter() - t
+            cpu_seconds += time.process_time() - c
             images += len(results)
             prompts += sum(r.image_row["num_prompts"] for r in results)
             instances += sum(len(r.instance_rows) for r in results)
@@ -147,7 +153,7 @@ def measure_model_only(annotator: Any, decoded: dict[str, list[Any]], batch_size
     finally:
         torch.set_num_threads(previous)
     return {"images": images, "prompts": prompts, "instances": instances, "statuses": statuses,
-            "seconds": seconds, "images_per_s": images / seconds, "boxes_per_s": prompts / seconds,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "images_per_s": images / seconds, "boxes_per_s": prompts / seconds,
             "torch_threads": threads, "batches": len(batches)}
 
 
@@ -168,10 +174,12 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
     """Run ``run_annotate(cfg)`` (Ray already initialised) and summarise its throughput and stage times."""
     import pyarrow.parquet as pq
 
+    from bench.cpu import ActorCpuSampler
     from jobs.annotate import run_annotate
 
     t = time.perf_counter()
-    summary = run_annotate(cfg)
+    with ActorCpuSampler() as sampler:
+        summary = run_annotate(cfg)
     wall = time.perf_counter() - t
     if summary.failed:
         raise RuntimeError(f"the job failed on {len(summary.failed)} shards: {summary.failed}")
@@ -188,6 +196,7 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
         actors = max(1, min(workers, len(summary.per_shard)))
         busy = {"all": busy["all"] / actors}
     steady = max(busy.values())
+    cpu = sampler.cpu_seconds({k[1]: v for k, v in busy.items() if isinstance(k, tuple)})
     stages = summary.stage_seconds()
     shard_seconds = sum(s["seconds"] for s in summary.per_shard)
     stages["other"] = max(0.0, shard_seconds - sum(stages.values()))
@@ -197,6 +206,8 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
             "images_per_s_wall": images / wall, "images_per_s_run": images / summary.seconds,
             "images_per_s_steady": images / steady, "boxes_per_s_steady": prompts / steady,
             "boxes_per_s_wall": prompts / wall,
+            "actor_cpu_s_total": None if cpu is None else cpu[0],
+            "actor_cpu_s_steady": None if cpu is None else cpu[1],
             "stage_ms_per_image": {k: 1000.0 * v / max(images, 1) for k, v in stages.items()},
             "stage_fraction": {k: v / shard_seconds for k, v in stages.items()} if shard_seconds else {}}
 
@@ -206,11 +217,7 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    import torch
-
     from bench.corpus import parse_sizes, write_corpus
-    from jobs.annotate import AnnotateConfig
     from pipeline.stages import ModelStageConfig
 
     for name in ("shards", "images_per_shard", "batch_size", "workers"):
@@ -222,6 +229,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cpus * args.workers > ray_cpus:
         raise ValueError(f"{args.workers} workers x {cpus} CPUs need {cpus * args.workers} CPUs but the Ray instance "
                          f"has {ray_cpus}; lower --workers/--cpus-per-worker or raise --ray-cpus")
+    import ray
+    import torch
+
+    from jobs.annotate import AnnotateConfig
+
+    load_1min = os.getloadavg()[0]
+    if load_1min > 0.5 * (os.cpu_count() or 1):
+        print(f"[bench] warning: load average {load_1min:.1f} on {os.cpu_count()} cores; other processes compete "
+              "for the CPUs and torch's thread pool degrades badly when its threads are descheduled, so the rates "
+              "and the ratio will not be reliable", file=sys.stderr, flush=True)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ovsam-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
@@ -267,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # machine load during the run moves both sides alike (their difference is reported as the drift).
         seconds = model_before["seconds"] + model_after["seconds"]
         model_only = {**model_before, "seconds": seconds, "images": model_before["images"] * 2,
+                      "cpu_seconds": model_before["cpu_seconds"] + model_after["cpu_seconds"],
                       "prompts": model_before["prompts"] * 2, "instances": model_before["instances"] * 2,
                       "images_per_s": 2 * model_before["images"] / seconds,
                       "boxes_per_s": 2 * model_before["prompts"] / seconds,
@@ -291,6 +309,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model_only_reference_images_per_s": reference,
             "ratio": job["images_per_s_steady"] / reference,
             "ratio_wall": job["images_per_s_wall"] / reference,
+            # CPU seconds per image: the model stage alone against the job's actors after start-up
+            "cpu_ratio": None if not job["actor_cpu_s_steady"] else
+            (model_only["cpu_seconds"] / model_only["images"]) / (job["actor_cpu_s_steady"] / job["images"]),
         }
         if threads.get("torch_threads") != cpus:
             logger.warning("a Ray task with %d CPUs runs torch on %s threads, not %d: the comparison is not "
@@ -328,6 +349,11 @@ def format_table(r: dict[str, Any]) -> str:
         f"decode-only ms/image: {1000 * r['decode']['seconds'] / r['decode']['images']:.1f}",
         f"ratio job/model-only: {r['ratio']:.2f} steady, {r['ratio_wall']:.2f} wall",
     ]
+    if r["cpu_ratio"] is not None:
+        lines.insert(-1, f"CPU s/image: model-only {mo['cpu_seconds'] / mo['images']:.3f}, job actors "
+                         f"{job['actor_cpu_s_steady'] / job['images']:.3f} after start-up "
+                         f"({job['actor_cpu_s_total'] / job['images']:.3f} with it); "
+                         f"CPU ratio {r['cpu_ratio']:.2f}")
     return "\n".join(lines)
 
 
