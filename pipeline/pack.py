@@ -213,7 +213,8 @@ def plan_coco(annotations: str, images: str, *, kind: str = "mask", base_only: b
               storage_options: dict | None = None) -> PackPlan:
     """Plan packing a COCO-format instances JSON (COCO, LVIS; with ``kind="box"`` Objects365, V3Det).
 
-    Classes are the categories in id order (label = position). Names and synonyms: LVIS ``synonyms`` when the
+    Images are read from ``images`` joined with each image's ``file_name`` (LVIS lists images by ``coco_url``
+    only: its file name is used). Classes are the categories in id order (label = position). Names and synonyms: LVIS ``synonyms`` when the
     categories have them (``_`` read as a space); the built-in COCO synonyms when every category name is a COCO
     class; otherwise the category name. The split: ``split_file`` (see :func:`read_split_file`), else LVIS
     ``frequency`` (``r`` = novel), else the built-in COCO 48/17 split (the 15 classes in neither list are
@@ -227,6 +228,10 @@ def plan_coco(annotations: str, images: str, *, kind: str = "mask", base_only: b
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ValueError(f"{annotations}: expected a COCO-format JSON object with a {key!r} list")
+    for c in data["categories"]:
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)):
+            raise ValueError(f"{annotations}: expected categories with an integer 'id' and a 'name', got "
+                             f"{str(c)[:120]}")
     categories = sorted(data["categories"], key=lambda c: c["id"])
     cat_index = {c["id"]: i for i, c in enumerate(categories)}
     if len(cat_index) != len(categories):
@@ -307,9 +312,12 @@ def plan_coco(annotations: str, images: str, *, kind: str = "mask", base_only: b
                                             f"{item.width}x{item.height}")
         labels = [a[0] for a in item.annotations]
         boxes = [a[1] for a in item.annotations]
-        masks = [segmentation_to_rle(a[2], height, width) for a in item.annotations] if kind == "mask" else []
-        record = TrainingRecord(dataset=name, kind=kind, width=width, height=height, source_id=item.image_id,
-                                labels=labels, boxes=boxes, masks=masks)
+        try:
+            masks = [segmentation_to_rle(a[2], height, width) for a in item.annotations] if kind == "mask" else []
+            record = TrainingRecord(dataset=name, kind=kind, width=width, height=height, source_id=item.image_id,
+                                    labels=labels, boxes=boxes, masks=masks)
+        except (ValueError, TypeError) as e:  # e.g. an RLE sized for another image, when the JSON has no sizes
+            raise SkipItem("bad_annotation", f"image {item.image_id!r}: {e}") from None
         return PackedSample(make_key(item.image_id), ext, raw, record)
 
     classes = ClassesFile(dataset=name, kind=kind, classes=texts, split=split, ids=[c["id"] for c in categories],
@@ -366,6 +374,8 @@ def plan_folders(root: str, *, dataset: str = "imagenet21k", storage_options: di
     stats: collections.Counter = collections.Counter()
     folders = []
     for entry in _entries(fs, base):
+        if posixpath.basename(entry["name"].rstrip("/")).startswith("."):
+            continue  # hidden: .cache, .ipynb_checkpoints, ...
         if entry["type"] == "directory":
             folders.append(entry["name"].rstrip("/"))
         else:

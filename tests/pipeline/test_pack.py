@@ -344,6 +344,8 @@ def test_class_folders_with_wordnet_names(tmp_path, caplog):
         (root / rel).write_bytes(data)
     (root / "n01440764" / "notes.txt").write_text("not an image")
     (root / "README.txt").write_text("not a class")
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    (root / ".cache" / "thumb.jpg").write_bytes(_image_bytes(4, 4, 6))
     out = tmp_path / "out"
     with caplog.at_level("WARNING"):
         summary = write_plan(plan_folders(str(root)), str(out), samples_per_shard=2, prefix="in21k")
