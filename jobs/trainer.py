@@ -3,7 +3,8 @@
 A job writes one ``train_fn(loop_config)`` that reads top to bottom (build model, ``restore()``, loop, ``report``)
 and hands it to :func:`launch`, which runs it on ``num_workers`` Ray Train workers (``TorchTrainer``; gloo on CPU,
 NCCL on GPU). The helpers below work inside a Ray Train worker and also in a plain process (rank 0 of 1), so the
-same loop runs under ``pytest`` without Ray.
+same loop runs under ``pytest`` without Ray; :func:`run_local` runs it in this process with checkpoints in a
+local directory (rank 0 of 1, resumable the same way).
 
 Checkpoints: rank 0 writes ``state.pt`` (``torch.save`` of plain tensors/dicts/lists/numbers/strings, read back
 with ``torch.load(weights_only=True)``) plus any extra files the job names (e.g. the project-format model file) and
@@ -16,11 +17,13 @@ whose gradient is absent on some steps (e.g. the label MLP) make DDP's reducer f
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -33,6 +36,8 @@ STATE_FILE = "state.pt"
 
 # Set in the worker process by the wrapper `launch` installs around `train_fn`; False in a plain process.
 _IN_RAY_TRAIN = False
+# Set by `run_local` while it runs a loop in this process: {"dir": run directory, "keep": num_to_keep, ...}.
+_LOCAL: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,54 @@ def launch(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConf
     return trainer.fit()
 
 
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A checkpoint directory written by :func:`run_local` (the part of ``ray.train.Checkpoint`` jobs use)."""
+
+    path: str
+
+    @contextlib.contextmanager
+    def as_directory(self) -> Iterator[str]:
+        yield self.path
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What :func:`run_local` returns: the last reported metrics and the newest checkpoint (or None)."""
+
+    metrics: dict
+    checkpoint: LocalCheckpoint | None
+
+
+def _local_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
+def run_local(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConfig) -> LocalResult:
+    """Run ``train_fn(loop_config)`` in this process as rank 0 of 1, without Ray.
+
+    Checkpoints go to ``<storage_path>/<name>/checkpoint_NNNNNN`` (a local directory; the newest
+    ``cfg.num_to_keep`` are kept) and :func:`restore` resumes from the newest, so a rerun with the same name
+    continues. For debugging, tests and single-machine runs; ``cfg.num_workers`` and ``max_failures`` are
+    ignored."""
+    global _LOCAL
+    if "://" in cfg.storage_path and not cfg.storage_path.startswith("file://"):
+        raise ValueError(f"run_local keeps checkpoints in a local directory; got storage_path "
+                         f"{cfg.storage_path!r}; use launch() for remote storage")
+    run_dir = Path(cfg.storage_path.removeprefix("file://")).expanduser().resolve() / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if _LOCAL is not None:
+        raise RuntimeError("run_local is already running a loop in this process")
+    _LOCAL = {"dir": run_dir, "keep": max(1, cfg.num_to_keep), "metrics": {}}
+    try:
+        train_fn(loop_config)
+        metrics = dict(_LOCAL["metrics"])
+    finally:
+        _LOCAL = None
+    found = _local_checkpoints(run_dir)
+    return LocalResult(metrics, LocalCheckpoint(str(found[-1])) if found else None)
+
+
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of this process: from Ray Train inside a worker, ``(0, 1)`` elsewhere."""
     if not _IN_RAY_TRAIN:
@@ -133,7 +186,13 @@ def read_state(directory: str | Path) -> dict:
 def restore() -> dict | None:
     """The state of the run's latest checkpoint (``ray.train.get_checkpoint()``), or None on a fresh start."""
     if not _IN_RAY_TRAIN:
-        return None
+        if _LOCAL is None:
+            return None
+        found = _local_checkpoints(_LOCAL["dir"])
+        if not found:
+            return None
+        logger.info("restored checkpoint %s", found[-1])
+        return read_state(found[-1])
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -153,6 +212,10 @@ def report(metrics: dict, state: dict | None = None,
     metrics are logged and nothing is saved."""
     if not _IN_RAY_TRAIN:
         logger.info("metrics: %s", metrics)
+        if _LOCAL is not None:
+            _LOCAL["metrics"] = dict(metrics)
+            if state is not None:
+                _write_local_checkpoint(metrics, state, files)
         return
     import ray.train
 
@@ -161,14 +224,31 @@ def report(metrics: dict, state: dict | None = None,
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="ovsam-ckpt-") as tmp:
-        directory = Path(tmp)
-        torch.save(state, directory / STATE_FILE)
-        for name, write in (files or {}).items():
-            if "/" in name or name in ("", ".", "..", STATE_FILE):
-                raise ValueError(f"checkpoint file name {name!r} must be a plain file name other than "
-                                 f"{STATE_FILE}")
-            write(directory / name)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+        _write_checkpoint_dir(Path(tmp), state, files)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _write_checkpoint_dir(directory: Path, state: dict, files: dict[str, Callable[[Path], None]] | None) -> None:
+    torch.save(state, directory / STATE_FILE)
+    for name, write in (files or {}).items():
+        if "/" in name or name in ("", ".", "..", STATE_FILE):
+            raise ValueError(f"checkpoint file name {name!r} must be a plain file name other than {STATE_FILE}")
+        write(directory / name)
+
+
+def _write_local_checkpoint(metrics: dict, state: dict, files: dict[str, Callable[[Path], None]] | None) -> None:
+    assert _LOCAL is not None
+    run_dir: Path = _LOCAL["dir"]
+    found = _local_checkpoints(run_dir)
+    number = int(found[-1].name.rsplit("_", 1)[1]) + 1 if found else 0
+    final = run_dir / f"checkpoint_{number:06d}"
+    tmp = run_dir / f".tmp_checkpoint_{number:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_checkpoint_dir(tmp, state, files)
+    tmp.rename(final)  # a checkpoint directory with state.pt is complete
+    for old in _local_checkpoints(run_dir)[:-_LOCAL["keep"]]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _distributed() -> bool:
@@ -199,6 +279,12 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     for p, flag in zip(params, flat[offset:].tolist()):
         if flag == 0.0:
             p.grad = None
+
+
+def barrier() -> None:
+    """Wait for every worker (no-op in one process)."""
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

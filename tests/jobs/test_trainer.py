@@ -161,3 +161,22 @@ def test_relaunch_with_same_name_continues(ray_local, tmp_path):
     assert [r["restored_step"] for r in r0][2:] == [2, 2, 2]
     with second.checkpoint.as_directory() as d:
         assert trainer.read_state(d)["step"] == 5
+
+
+def test_run_local_checkpoints_and_resumes(tmp_path):
+    log = tmp_path / "log"
+    log.mkdir()
+    cfg = TrainerConfig(name="local", storage_path=str(tmp_path / "runs"), num_to_keep=2)
+    first = trainer.run_local(_toy_loop, {"steps": 5, "log_dir": str(log), "stop_at": 3}, cfg)
+    assert first.metrics["step"] == 3
+    with first.checkpoint.as_directory() as d:
+        assert trainer.read_state(d)["step"] == 3
+    assert len(list((tmp_path / "runs" / "local").glob("checkpoint_*"))) == 2  # num_to_keep
+    second = trainer.run_local(_toy_loop, {"steps": 5, "log_dir": str(log)}, cfg)
+    records = _records(log, 0)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["restored_step"] for r in records] == [None] * 3 + [3, 3]
+    with second.checkpoint.as_directory() as d:
+        state = trainer.read_state(d)
+    assert state["step"] == 5 and state["optimizer"]["state"][0]["step"] == 5
+    assert trainer.world() == (0, 1) and trainer.restore() is None  # nothing leaks out of run_local
