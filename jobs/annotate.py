@@ -213,6 +213,11 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     truncated = [s["shard"] for s in summary.per_shard if s["truncated"]]
     if truncated:
         print(f"[annotate] truncated shards (samples after the cut are missing): {', '.join(truncated)}")
+    damaged = [s for s in summary.per_shard if s.get("read_error") and not s["truncated"]]
+    for s in damaged[:20]:
+        print(f"[annotate] shard {s['shard']} read with problems: {s['read_error']}")
+    if len(damaged) > 20:
+        print(f"[annotate] ... {len(damaged) - 20} more shards with read problems (see their manifests)")
     for name, err in summary.failed.items():
         print(f"[annotate] FAILED {name}: {err}", file=sys.stderr)
     return summary

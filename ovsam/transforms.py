@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Resized ``(h', w')`` with the long side equal to ``long_side``; rounds as ``int(x * s + 0.5)``."""
+    """Resized ``(h', w')`` with the long side equal to ``long_side``; rounds as ``int(x * s + 0.5)``, and never
+    below one pixel (an image thinner than ``max(h, w) / (2 * long_side)`` would otherwise vanish)."""
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def as_rgb_uint8(image: np.ndarray, image_format: str = "RGB") -> np.ndarray:

@@ -426,8 +426,12 @@ def decode_sample(
     require_prompts: bool = False,
     max_sidecar_bytes: int = DEFAULT_MAX_SIDECAR_BYTES,
     max_prompts: int = DEFAULT_MAX_PROMPTS,
+    use_sidecar_prompts: bool = True,
 ) -> DecodedSample:
     """Decode ``sample`` (see the module docstring). Never raises for bad input.
+
+    With ``use_sidecar_prompts=False`` (prompt modes that ignore the sidecar: detector, grid, whole image), the
+    sidecar's prompts are not read and a malformed sidecar is a note on an ``ok`` sample, not ``bad_prompt``.
 
     Status precedence: read errors attached to the sample, a missing or undecodable image → ``decode_error``;
     an oversized or malformed sidecar or malformed prompt lists → ``bad_prompt``; with ``require_prompts``
@@ -436,7 +440,8 @@ def decode_sample(
     """
     try:
         return _decode_sample(sample, max_pixels=max_pixels, require_prompts=require_prompts,
-                              max_sidecar_bytes=max_sidecar_bytes, max_prompts=max_prompts)
+                              max_sidecar_bytes=max_sidecar_bytes, max_prompts=max_prompts,
+                              use_sidecar_prompts=use_sidecar_prompts)
     except Exception as exc:
         logger.exception("unexpected error decoding sample %s/%s", sample.shard, sample.key)
         return DecodedSample(key=sample.key, image=None, width=None, height=None, source_format=None,
@@ -458,7 +463,7 @@ def _no_image_reason(sample: Sample) -> str:
 
 
 def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool, max_sidecar_bytes: int,
-                   max_prompts: int) -> DecodedSample:
+                   max_prompts: int, use_sidecar_prompts: bool = True) -> DecodedSample:
     out = DecodedSample(key=sample.key, image=None, width=None, height=None, source_format=None,
                         status="ok", error=None, sidecar=None, shard=sample.shard)
     out.notes.extend(sample.notes)
@@ -491,6 +496,10 @@ def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool, ma
     out.image, out.source_format = image, fmt
     out.height, out.width = int(image.shape[0]), int(image.shape[1])
     out.notes.extend(notes)
+    if not use_sidecar_prompts:
+        if sidecar_error:
+            out.notes.append(f"sidecar ignored: {sidecar_error}")
+        return out
     if sidecar_error:
         return fail("bad_prompt", sidecar_error)
     if out.sidecar is not None:

@@ -102,6 +102,7 @@ def commit_shard(
         "samples_expected": None if read_report is None else read_report.expected,
         "truncated": bool(read_report is not None and read_report.truncated),
         "read_error": None if read_report is None else read_report.error,
+        "read_problems": [] if read_report is None else list(read_report.problems),
         "statuses": statuses, "files": files, "attempt_id": attempt_id, "committed_at": time.time(),
     }
     _put(fs, f"{root}/_tmp/{shard}.{attempt_id}.manifest.json", f"{root}/_manifest/{shard}.json",

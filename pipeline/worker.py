@@ -82,7 +82,8 @@ class ShardWorker:
         limit = max(2 * self.config.batch_size, 4)
         for sample in reader:
             pending.append(pool.submit(decode_sample, sample, max_pixels=self.config.max_pixels,
-                                       require_prompts=self.require_prompts))
+                                       require_prompts=self.require_prompts,
+                                       use_sidecar_prompts=self.require_prompts))
             if len(pending) >= limit:
                 yield pending.popleft().result()
         while pending:

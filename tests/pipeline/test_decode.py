@@ -338,3 +338,13 @@ def test_messages_quote_at_most_a_little_of_the_input() -> None:
     data = json.dumps({"boxes": [["x" * 100000, 1, 2, 3]]}).encode()
     s = decode_sample(Sample("k", {"jpg": corpus.good_jpeg(), "json": data}, "t"))
     assert s.status == "bad_prompt" and len(s.error) < 300
+
+
+def test_prompt_modes_without_sidecar_prompts_ignore_a_bad_sidecar() -> None:
+    broken = Sample("k", {"jpg": corpus.good_jpeg(), "json": b'{"boxes": [[1, 2, 3'}, "t")
+    assert decode_sample(broken).status == "bad_prompt"
+    ignored = decode_sample(broken, use_sidecar_prompts=False)
+    assert ignored.status == "ok" and ignored.image is not None and not ignored.has_prompts
+    assert any("sidecar ignored" in n and "malformed" in n for n in ignored.notes)
+    labels_only = Sample("k", {"jpg": corpus.good_jpeg(), "json": b'{"labels": ["cat"]}'}, "t")
+    assert decode_sample(labels_only, use_sidecar_prompts=False).status == "ok"

@@ -103,3 +103,15 @@ def test_prompt_mode_parsing():
         parse_prompt_mode("boxes")
     with pytest.raises(ValueError, match="needs a model name"):
         parse_prompt_mode("detector")
+
+
+def test_extremely_thin_images_are_annotated(vocab_file):
+    from ovsam.transforms import preprocess_shape
+
+    assert preprocess_shape(1, 20000, 256) == (1, 256) and preprocess_shape(20000, 1, 256) == (256, 1)
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, prompts="whole-image"))
+    samples = [SampleInput(key=f"{h}x{w}", image=np.full((h, w, 3), 90, np.uint8), width=w, height=h)
+               for h, w in ((1, 20000), (20000, 1))]
+    for result in ann(samples):
+        assert result.image_row["status"] == "ok", result.image_row["error"]
+        assert len(result.instance_rows) == 1
