@@ -18,6 +18,8 @@ from .proposals import Proposals, TorchvisionDetector, parse_prompt_mode, whole_
 
 logger = logging.getLogger(__name__)
 
+MASK_BUDGET_BYTES = 512 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ModelStageConfig:
@@ -142,12 +144,16 @@ class Annotator:
         for i, (s, p) in enumerate(zip(samples, prepared)):
             props = s.proposals
             rows: list[dict[str, Any]] = []
-            if props.boxes.shape[0]:
-                pred = predict_prompts(self.model, features, i, PromptSet(boxes=props.boxes), p.original_size,
+            # full-resolution masks cost ~5 bytes per pixel per prompt until RLE-encoded: bound them per chunk
+            chunk = prompts_per_chunk(*p.original_size)
+            for start in range(0, props.boxes.shape[0], chunk):
+                sel = slice(start, start + chunk)
+                pred = predict_prompts(self.model, features, i, PromptSet(boxes=props.boxes[sel]), p.original_size,
                                        p.input_size, vocabulary=self.vocabulary).numpy()
-                rows += self._rows(s, pred, "box" if self.mode != "detector" else "detector", props)
-            if props.points.shape[0]:
-                pts = props.points[:, None, :]
+                rows += self._rows(s, pred, "box" if self.mode != "detector" else "detector", props,
+                                   start=len(rows), prop_offset=start)
+            for start in range(0, props.points.shape[0], chunk):
+                pts = props.points[start:start + chunk, None, :]
                 pred = predict_prompts(self.model, features, i, PromptSet(point_coords=pts,
                                        point_labels=np.ones(pts.shape[:2], dtype=np.int64)), p.original_size,
                                        p.input_size, vocabulary=self.vocabulary).numpy()
@@ -156,7 +162,7 @@ class Annotator:
         return out
 
     def _rows(self, s: SampleInput, pred: Any, prompt_type: str, props: Proposals | None,
-              start: int = 0) -> list[dict[str, Any]]:
+              start: int = 0, prop_offset: int = 0) -> list[dict[str, Any]]:
         from ovsam.masks import encode_rle
 
         k = min(self.config.top_k, len(self.vocabulary))
@@ -183,8 +189,8 @@ class Annotator:
                 "label_score": float(pred.label_scores[j, label]),
                 "topk_labels": [int(t) for t in top[j]],
                 "topk_scores": [float(pred.label_scores[j, t]) for t in top[j]],
-                "detector_score": props.scores[j] if props is not None and props.scores else None,
-                "detector_label": props.labels[j] if props is not None and props.labels else None,
+                "detector_score": props.scores[prop_offset + j] if props is not None and props.scores else None,
+                "detector_label": props.labels[prop_offset + j] if props is not None and props.labels else None,
                 "head_embedding": None, "clip_embedding": None, "clip_valid": None,
             }
             if self.config.store_embeddings:
@@ -223,6 +229,13 @@ class Annotator:
         except Exception as e:
             _fail(s, e)
             return SampleResult(_image_row(s, 0, 0), [])
+
+
+def prompts_per_chunk(height: int, width: int, budget_bytes: int | None = None) -> int:
+    """How many prompts of an ``height x width`` image to decode at once so their full-size mask logits and masks
+    (~5 bytes per pixel each) stay within ``budget_bytes`` (default ``MASK_BUDGET_BYTES``); between 1 and 64."""
+    budget = MASK_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(1, min(64, budget // max(1, 5 * height * width)))
 
 
 def _fail(s: SampleInput, e: Exception) -> None:

@@ -115,3 +115,32 @@ def test_extremely_thin_images_are_annotated(vocab_file):
     for result in ann(samples):
         assert result.image_row["status"] == "ok", result.image_row["error"]
         assert len(result.instance_rows) == 1
+
+
+def test_prompts_are_decoded_in_memory_bounded_chunks(vocab_file, monkeypatch):
+    import pipeline.stages as stages
+
+    assert stages.prompts_per_chunk(480, 640) == 64 and stages.prompts_per_chunk(8000, 8000) == 1
+    boxes = [[10 + i, 10, 80 + i, 60] for i in range(7)]
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file))
+    whole = ann([_sample("a", boxes=boxes, points=[[40, 40], [60, 50]])])[0].instance_rows
+    monkeypatch.setattr(stages, "MASK_BUDGET_BYTES", 3 * 5 * 120 * 160)  # 3 prompts per chunk
+    props_scores = [0.1 * i for i in range(7)]
+    sample = _sample("a", boxes=boxes, points=[[40, 40], [60, 50]])
+    sample.proposals.scores = props_scores
+    import ovsam.batch
+
+    calls = []
+    real = ovsam.batch.predict_prompts
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ovsam.batch, "predict_prompts", counting)
+    chunked = ann([sample])[0].instance_rows
+    assert calls == [3, 3, 1, 2]
+    assert [r["instance_index"] for r in chunked] == list(range(9))
+    assert [r["detector_score"] for r in chunked[:7]] == props_scores
+    for a, b in zip(whole, chunked):
+        assert a["mask_rle"] == b["mask_rle"] and a["label"] == b["label"] and a["prompt_type"] == b["prompt_type"]
