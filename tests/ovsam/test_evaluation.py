@@ -1,0 +1,124 @@
+"""ovsam.evaluation: the OVSAM_SPEC §5 metric against direct computations, and the evaluation loop's plumbing with
+predictions replaced by the ground truth (perfect scores) or by a fixed wrong answer. A few seconds (one
+ovsam-tiny build)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ovsam import evaluation as E
+from ovsam.prediction import Prediction
+
+
+def test_mask_iou_direct():
+    a = np.zeros((2, 4, 4), dtype=bool)
+    b = np.zeros((2, 4, 4), dtype=bool)
+    a[0, :2, :2] = True  # 4 px
+    b[0, :2, :] = True  # 8 px, 4 shared
+    a[1, 0, 0] = True  # disjoint
+    b[1, 3, 3] = True
+    assert E.mask_iou(a, b) == pytest.approx([0.5, 0.0])
+    assert E.mask_iou(np.zeros((1, 2, 2), bool), np.zeros((1, 2, 2), bool)) == pytest.approx([0.0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        E.mask_iou(a, b[:, :3])
+
+
+def test_center_points_are_inside_and_central():
+    m = np.zeros((3, 20, 30), dtype=bool)
+    m[0, 5:16, 10:21] = True  # an 11x11 square: centre (15, 10)
+    m[1, 0:20, 0:4] = True  # an L shape: the point must fall inside it
+    m[1, 16:20, 0:30] = True
+    pts = E.center_points(m)
+    assert tuple(pts[0]) == (15, 10)
+    x, y = pts[1]
+    assert m[1, y, x]
+    assert tuple(pts[2]) == (0, 0)  # empty mask
+
+
+def test_instance_metric_micro_averages_and_split():
+    metric = E.InstanceMetric()
+    split = np.array([1, 1, 2])  # classes 0, 1 base; class 2 novel
+    metric.update(np.array([0, 1, 2]), np.array([0, 2, 2]), ious=np.array([1.0, 0.5, 0.0]),
+                  head_labels=np.array([0, 1, 1]), split=split)
+    metric.update(np.array([2]), np.array([1]), ious=np.array([0.25]), head_labels=np.array([2]), split=split)
+    s = E.InstanceMetric.summary(metric.sums)
+    assert s["count"] == 4
+    assert s["acc"] == pytest.approx(2 / 4) and s["head_acc"] == pytest.approx(3 / 4)
+    assert s["miou"] == pytest.approx((1.0 + 0.5 + 0.0 + 0.25) / 4)
+    assert s["base_acc"] == pytest.approx(1 / 2) and s["base_miou"] == pytest.approx(0.75)
+    assert s["novel_acc"] == pytest.approx(1 / 2) and s["novel_miou"] == pytest.approx(0.125)
+    # sums from two workers add up to the metric of all instances
+    a, b = E.InstanceMetric(), E.InstanceMetric()
+    a.update(np.array([0, 1]), np.array([0, 0]), ious=np.array([0.2, 0.4]))
+    b.update(np.array([1]), np.array([1]), ious=np.array([0.9]))
+    total = {k: a.sums[k] + b.sums[k] for k in a.sums}
+    assert E.InstanceMetric.summary(total)["miou"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from ovsam import Vocabulary, build_ovsam
+
+    model = build_ovsam("ovsam-tiny")
+    vocab = Vocabulary.from_names(["red square", "blue circle", "green triangle"], model, progress=False,
+                                  split=["base", "base", "novel"])
+    return model, vocab
+
+
+def _samples():
+    rng = np.random.default_rng(0)
+    out = []
+    for h, w in ((60, 80), (90, 50)):
+        masks = np.zeros((2, h, w), dtype=bool)
+        masks[0, 5:25, 5:30] = True
+        masks[1, 30:50, 10:40] = True
+        boxes = np.array([[5, 5, 30, 25], [10, 30, 40, 50]], dtype=np.float32)
+        out.append((rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                    {"labels": np.array([0, 2]), "boxes": boxes, "masks": masks}))
+    return out
+
+
+def _fake_predict(answer):
+    def predict_batch(model, images, prompts, vocabulary, **kw):
+        preds = []
+        for image, prompt in zip(images, prompts):
+            target = answer(image)
+            n = len(target["labels"])
+            emb = vocabulary.embeddings[:, 0][target["head"]] if "head" in target else torch.zeros(n, vocabulary.dim)
+            preds.append(Prediction(masks=target["masks"], low_res_logits=None, iou_scores=np.ones(n),
+                                    boxes_xyxy=np.zeros((n, 4)), labels=target["labels"], head_embeddings=emb))
+        return preds
+    return predict_batch
+
+
+def test_evaluate_samples_perfect_and_wrong_predictions(tiny, monkeypatch):
+    import ovsam.batch
+
+    model, vocab = tiny
+    samples = _samples()
+    by_image = {id(img): t for img, t in samples}
+    perfect = _fake_predict(lambda img: {**by_image[id(img)], "head": by_image[id(img)]["labels"]})
+    monkeypatch.setattr(ovsam.batch, "predict_batch", perfect)
+    for prompt in ("box", "point"):
+        s = E.InstanceMetric.summary(E.evaluate_samples(model, samples, vocab, prompt=prompt, batch_size=1).sums)
+        assert s == pytest.approx({"acc": 1.0, "head_acc": 1.0, "miou": 1.0, "base_acc": 1.0, "base_head_acc": 1.0,
+                                   "base_miou": 1.0, "novel_acc": 1.0, "novel_head_acc": 1.0, "novel_miou": 1.0,
+                                   "count": 4.0}, abs=1e-9)
+    wrong = _fake_predict(lambda img: {"labels": np.array([1, 1]), "masks": ~by_image[id(img)]["masks"],
+                                       "head": np.array([1, 1])})
+    monkeypatch.setattr(ovsam.batch, "predict_batch", wrong)
+    s = E.InstanceMetric.summary(E.evaluate_samples(model, samples, vocab).sums)
+    assert s["acc"] == 0.0 and s["head_acc"] == 0.0 and s["miou"] == 0.0 and s["count"] == 4
+
+
+def test_evaluate_samples_runs_the_model(tiny):
+    model, vocab = tiny
+    metric = E.evaluate_samples(model, _samples(), vocab, prompt="point", batch_size=2)
+    s = E.InstanceMetric.summary(metric.sums)
+    assert s["count"] == 4 and 0.0 <= s["miou"] <= 1.0 and 0.0 <= s["acc"] <= 1.0
+    with pytest.raises(ValueError, match="point prompts need mask targets"):
+        E.evaluate_samples(model, [(np.zeros((8, 8, 3), np.uint8), {"labels": np.array([0]),
+                                                                    "boxes": np.zeros((1, 4))})], vocab,
+                           prompt="point")
