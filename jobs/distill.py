@@ -25,9 +25,13 @@ then cosine to 0.01 x lr per step). The published warm-up is 500 iterations; run
 over their first 5 % instead. The neck's fixed positional embedding is copied from the teacher's ViT when shapes
 agree (SAM ViT-H -> ovsam-rn50x16), as published.
 
-Ray Train workers (``--num-workers``; gloo on CPU, NCCL with ``--use-gpu``) each read their share of the shards,
-average gradients, report metrics every step (loss, lr, gradient norm, images/s) and the held-out MSE before
-training, every ``--eval-every`` steps and at the end; rank 0 checkpoints every ``--checkpoint-every`` steps. A
+Ray Train workers (``--num-workers``; gloo on CPU, NCCL with ``--use-gpu``) each read their share of the shards and
+average gradients; rank 0 logs the loss, lr, gradient norm and images/s every ``--log-every`` steps, and every
+``--report-every`` steps a report to Ray Train carries each step's loss since the previous report (Ray Train 2.60's
+controller collects one report per worker about every 2 s, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, and a report
+blocks until the previous one was collected, so reporting every short step would stall training). The held-out MSE
+is measured before training, every ``--eval-every`` steps and at the end; rank 0 checkpoints every
+``--checkpoint-every`` steps. A
 failed worker restarts from the latest checkpoint (up to ``--max-failures`` times); a relaunch with the same
 ``--name`` and ``--storage-path`` resumes where the run stopped, data position included. The finished student is
 written in the project format (``--output``, loadable by ``build_ovsam(checkpoint=...)`` and ``ovsam annotate
@@ -80,6 +84,7 @@ class DistillConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 10
+    report_every: int = 20
     seed: int = 0
     shuffle_buffer: int = 64
     loader_workers: int = 0
@@ -283,9 +288,8 @@ def train_loop(loop_config: dict) -> None:
 
     if plan["heldout_urls"] and step == 0 and not evals:
         mse = evaluate()
-        report({"step": step, "heldout_mse": mse})
         if rank == 0:
-            logger.info("step %d: held-out MSE %.6f", step, mse)
+            logger.info("step 0: held-out MSE %.6f", mse)
 
     stream = DistillStream(shard_slice(plan["train_urls"]), spec, with_target=plan["train_cached"],
                            seed=cfg.seed * 1009 + rank, skip=step * cfg.batch_size,
@@ -294,6 +298,7 @@ def train_loop(loop_config: dict) -> None:
     batches = batched(iter(loader), cfg.batch_size)
     train_mode(student, STAGE)
     tick = time.perf_counter()
+    losses: list[float] = []
     while step < cfg.steps:
         batch = next(batches)
         x = batch["images"].to(device)
@@ -317,16 +322,19 @@ def train_loop(loop_config: dict) -> None:
         metrics.update(step=step, lr=lr, grad_norm=grad_norm, images_per_s=metrics["images_per_s"] * world_size)
         if plan["heldout_urls"] and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["heldout_mse"] = evaluate()
+        losses.append(metrics["loss"])
         if rank == 0 and (step % max(1, cfg.log_every) == 0 or "heldout_mse" in metrics):
             logger.info("step %d/%d: loss %.6f lr %.3g grad norm %.3g%s", step, cfg.steps, metrics["loss"], lr,
                         grad_norm, f" held-out MSE {metrics['heldout_mse']:.6f}" if "heldout_mse" in metrics else "")
-        if step < cfg.steps and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
-            report(metrics, state=make_state())
-        elif step < cfg.steps:
-            report(metrics)
+        checkpoint_due = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+        if step < cfg.steps and (checkpoint_due or "heldout_mse" in metrics or step % cfg.report_every == 0):
+            # every step's loss since the last report travels with this one
+            metrics.update(losses=losses, loss_mean=sum(losses) / len(losses), evals=json.dumps(evals))
+            report(metrics, state=make_state() if checkpoint_due else None)
+            losses = []
         tick = time.perf_counter()
 
-    final: dict[str, Any] = {"step": step, "resumed_from": started_at, "done": True}
+    final: dict[str, Any] = {"step": step, "resumed_from": started_at, "done": True, "losses": losses}
     if plan["heldout_urls"]:
         if not evals or evals[-1]["step"] != step:
             evaluate()
@@ -357,8 +365,9 @@ def plan_distill(cfg: DistillConfig) -> dict:
                          "--teacher-cache URL (written by --dump-teacher), not both or neither")
     if cfg.heldout and cfg.heldout_cache:
         raise ValueError("give held-out images as --heldout SHARDS or --heldout-cache URL, not both")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    for flag, value in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--report-every", cfg.report_every)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     student = student_config(cfg)
     spec = InputSpec.of(student)
     shape = embedding_shape(student)
@@ -436,6 +445,7 @@ class DistillSummary:
     seconds: float
     checkpoint_path: str
     outputs: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)  # the final report's
 
 
 def run_distill(cfg: DistillConfig) -> DistillSummary:
@@ -470,7 +480,7 @@ def run_distill(cfg: DistillConfig) -> DistillSummary:
     return DistillSummary(steps=int(metrics["step"]), resumed_from=int(metrics["resumed_from"]),
                           heldout_mse_initial=metrics.get("heldout_mse_initial"),
                           heldout_mse=metrics.get("heldout_mse"), evals=evals, seconds=time.perf_counter() - start,
-                          checkpoint_path=str(result.checkpoint.path), outputs=outputs)
+                          checkpoint_path=str(result.checkpoint.path), outputs=outputs, metrics=metrics)
 
 
 class _DumpWorker:
@@ -571,6 +581,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=500, help="held-out MSE every N steps (0: start and end only)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
+    p.add_argument("--report-every", type=int, default=20,
+                   help="report metrics to Ray Train every N steps, each report carrying the per-step losses since "
+                        "the previous one (default: 20; Ray Train 2.60 takes about one report per 2 s)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="samples held for shuffling per loader")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per training worker")
@@ -609,7 +622,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig | DumpConfig:
         teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint, inputs=tuple(args.inputs),
         teacher_cache=args.teacher_cache, heldout=tuple(args.heldout), heldout_cache=args.heldout_cache,
         steps=args.steps, batch_size=args.batch_size or 2, lr=args.lr, warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        report_every=args.report_every, seed=args.seed,
         shuffle_buffer=args.shuffle_buffer, loader_workers=args.loader_workers, name=args.name,
         storage_path=args.storage_path, num_workers=2 if args.num_workers is None else args.num_workers,
         use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
