@@ -369,6 +369,9 @@ def plan_distill(cfg: DistillConfig) -> dict:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     student = student_config(cfg)
+    if student.clip.pretrained and cfg.student_clip is None and cfg.student_checkpoint is None:
+        logger.warning("student '%s' will distil from randomly initialised CLIP towers; pass --student-clip %s "
+                       "(or a CLIP file) or --student-checkpoint", student.name, student.clip.pretrained)
     spec = InputSpec.of(student)
     shape = embedding_shape(student)
     teacher_name = cfg.teacher

@@ -142,6 +142,89 @@ def test_dump_matches_online_teacher_and_resumes(shards, tmp_path):
         distill.run_dump(distill.config_from_args(_args([a if a != TEACHER else "sam-vit-b" for a in argv])))
 
 
+def test_student_clip_weights_load_into_the_frozen_towers(tmp_path):
+    source = build_ovsam(STUDENT)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state = source.state_dict()
+    clip = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.visual.")}
+    clip.update({k[len("text.clip."):]: v for k, v in state.items() if k.startswith("text.clip.")})
+    torch.save(clip, tmp_path / "clip.pth")
+    student = build_ovsam(STUDENT)
+    distill.load_clip_weights(student, str(tmp_path / "clip.pth"))
+    for k, v in student.named_parameters():  # the towers take the file's weights, nothing else changes
+        assert torch.equal(v, state[k]) == k.startswith(("backbone.visual.", "text.clip.")), k
+    torch.save({"visual.proj": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="do not fit student 'ovsam-tiny'"):
+        distill.load_clip_weights(build_ovsam(STUDENT), str(tmp_path / "wrong.pth"))
+
+
+ACCESS_KEY, SECRET_KEY, REGION = "ovsam-distill-key", "ovsam-distill-secret", "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 with dummy credentials in the environment for this module only."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        mp.setenv("no_proxy", "127.0.0.1,localhost")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def test_dump_to_s3_equals_local_and_trains_from_it(shards, tmp_path, s3_endpoint):
+    import boto3
+
+    from pipeline.distill_data import iter_once
+    from pipeline.teacher_cache import cache_shards
+
+    storage = {"key": ACCESS_KEY, "secret": SECRET_KEY,
+               "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": REGION}}
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+                 aws_secret_access_key=SECRET_KEY).create_bucket(Bucket="cache")
+    common = ["--dump-teacher", "--teacher", TEACHER, "--input", str(shards["heldout"]), "--num-workers", "0"]
+    distill.run_dump(distill.config_from_args(_args(common + ["--output", str(tmp_path / "local")])))
+    remote = ["--output", "s3://cache/sam-tiny", "--storage-options", json.dumps(storage)]
+    first = distill.run_dump(distill.config_from_args(_args(common + remote)))
+    again = distill.run_dump(distill.config_from_args(_args(common + remote)))
+    assert (first["written_shards"], again["written_shards"], again["skipped_shards"]) == (1, 0, 1)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage)
+    assert fs.cat_file("cache/sam-tiny/heldout-000000.tar") == (tmp_path / "local" / "heldout-000000.tar").read_bytes()
+    assert json.loads(fs.cat_file("cache/sam-tiny/_index.json")) == json.loads(
+        (tmp_path / "local" / "_index.json").read_text())
+    assert not fs.glob("cache/sam-tiny/_tmp/*")
+
+    # a training plan on the S3 cache reads the same targets as the local one
+    cfg = distill.config_from_args(_args(["--student", STUDENT, "--teacher-cache", "s3://cache/sam-tiny",
+                                          "--num-workers", "1", "--storage-options", json.dumps(storage)]))
+    plan = distill.plan_distill(cfg)
+    assert plan["train_urls"] == cache_shards("s3://cache/sam-tiny", storage) and plan["needs_teacher"] is False
+    spec = InputSpec.from_dict(plan["spec"])
+    remote_items = list(iter_once(plan["train_urls"], spec, with_target=True, storage_options=storage))
+    local_items = list(iter_once([str(tmp_path / "local" / "heldout-000000.tar")], spec, with_target=True))
+    assert [i["key"] for i in remote_items] == [i["key"] for i in local_items] and len(local_items) == 8
+    for a, b in zip(remote_items, local_items):
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["image"], b["image"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On Ray Train
 
