@@ -217,7 +217,11 @@ def train_loop(loop_config: dict) -> None:
         with torch.no_grad():
             target = batch["targets"].to(device) if plan["train_cached"] else teacher.encode_image(x)
             feats = student.backbone(x)
-        loss = F.mse_loss(student.neck(feats), target)
+        emb = student.neck(feats)
+        if emb.shape != target.shape:
+            raise ValueError(f"student '{student.config.name}' gave a {tuple(emb.shape)} embedding batch but teacher "
+                             f"'{plan['teacher']}' {tuple(target.shape)}; the shapes must agree")
+        loss = F.mse_loss(emb, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         all_reduce_gradients(params)
@@ -253,7 +257,7 @@ def train_loop(loop_config: dict) -> None:
         final.update(heldout_mse=evals[-1]["heldout_mse"], heldout_mse_initial=evals[0]["heldout_mse"],
                      evals=json.dumps(evals))
     if rank == 0:
-        logger.info("finished at step %d: %s", step, final)
+        logger.info("finished at step %d: %s", step, {k: v for k, v in final.items() if k != "losses"})
     student.eval()
     report(final, state=make_state(), files={
         STUDENT_FILE: lambda path: save_checkpoint(student, path, extra={"distilled_from": plan["teacher"],
