@@ -106,6 +106,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """CLIP2SAM co-training on a dataset mixture on Ray Train (``jobs.train``)."""
+    from jobs.train import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_relabel(args: argparse.Namespace) -> int:
     """Re-label a stored run with a new vocabulary from its region embeddings (``jobs.relabel``)."""
     from jobs.relabel import config_from_args, run_relabel
@@ -230,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description=distill.__doc__.split("\n\n")[0])
     distill.add_arguments(dis)
     dis.set_defaults(func=cmd_distill)
+
+    from jobs import train
+
+    trn = sub.add_parser("train", help="CLIP2SAM co-training on a mixture of packed datasets on Ray Train",
+                         description=train.__doc__.split("\n\n")[0])
+    train.add_arguments(trn)
+    trn.set_defaults(func=cmd_train)
 
     from jobs import relabel
 

@@ -1,0 +1,335 @@
+"""``ovsam train``: CLIP2SAM co-training (stage 2) on a mixture of packed datasets, on Ray Train.
+
+Launch:
+
+    ovsam pack synthetic --output data/synth --kind mask --num-train 512 --num-heldout 64
+    ovsam train --model ovsam-tiny --dataset synth=data/synth/train:mask:1 --heldout synth=data/synth/heldout \\
+        --steps 300 --batch-size 2 --num-workers 2 --name synth-run --storage-path runs/ --output synth.safetensors
+    python -m jobs.train --model ovsam-rn50x16 --checkpoint distilled.safetensors \\
+        --dataset in21k=s3://bucket/in21k/:image:4 --dataset v3det=s3://bucket/v3det/:box:2 \\
+        --dataset o365=s3://bucket/o365/:box:1 --dataset lvis=s3://bucket/lvis/:mask:1 \\
+        --heldout lvis=s3://bucket/lvis-val/ --steps 90000 --batch-size 2 --num-workers 8 --use-gpu \\
+        --published-optim --mask-points 12544 --name clip2sam-mix --storage-path s3://bucket/runs \\
+        --output clip2sam-mix.safetensors --export-released released/
+    ray job submit --working-dir . -- python -m jobs.train --dataset ... --storage-path s3://bucket/runs ...
+
+Each ``--dataset name=URL:kind:weight`` is a shard set written by ``ovsam pack`` (a root with ``classes.json`` and
+``_index.json``, or a glob of shards) with kind ``image``, ``box`` or ``mask``; at every step one dataset is drawn
+with probability ``weight / sum(weights)`` (the same on every worker) and the whole batch comes from it. Each
+dataset is classified against its own vocabulary, whose text embeddings are built once and cached under
+``<storage-path>/_vocab/``. A relaunch with the same ``--name`` and ``--storage-path`` resumes from the newest
+checkpoint (a relaunch with other training settings is refused); a worker that dies is restarted from it up to
+``--max-failures`` times. ``--num-workers 0`` runs the loop in this process without Ray (checkpoints in a local
+``--storage-path``).
+
+Outputs: checkpoints (``state.pt`` + ``model.safetensors`` in the project format) every ``--checkpoint-every``
+steps, the final model file at ``--output`` (usable by ``ovsam annotate --checkpoint``), the released
+``fpn_neck.*``/``mask_decoder.*`` layout with ``--export-released DIR``, and a JSON summary with ``--summary``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.train_data import DatasetSpec, parse_dataset_spec, parse_heldout_spec
+
+logger = logging.getLogger(__name__)
+
+STAGE = "clip2sam"
+MODEL_FILE = "model.safetensors"
+# Short runs of a small random-init model: AdamW at 1e-3 without the published clip at 0.01 (which, with grad
+# norms of 10-1000 at the start, turns every step into a tiny fixed-length one); --published-optim restores it.
+DEFAULT_LR = 1e-3
+DEFAULT_CLIP = None
+DEFAULT_MASK_POINTS = 1024
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    """Everything the training loop needs, as plain data (it travels to the Ray Train workers as a dict)."""
+
+    datasets: tuple[DatasetSpec, ...]
+    name: str
+    storage_path: str
+    model: str = "ovsam-tiny"
+    checkpoint: str | None = None
+    heldout: tuple[tuple[str, str], ...] = ()
+    steps: int = 300
+    batch_size: int = 2
+    lr: float = DEFAULT_LR
+    weight_decay: float = 0.05
+    clip_grad_norm: float | None = DEFAULT_CLIP
+    warmup_steps: int | None = None  # None: 5% of the steps, at most the published 500
+    schedule: str = "multistep"
+    mask_points: int = DEFAULT_MASK_POINTS
+    num_prompts: int = 40
+    scale_range: tuple[float, float] = (0.9, 2.0)
+    min_area: float | None = None  # None: the published 32 px scaled to the model's input size
+    published_truncation: bool = False
+    published_image_box: bool = False
+    templates: str = "vild"
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    eval_at_start: bool = False
+    eval_samples: int | None = None
+    eval_batch_size: int = 4
+    report_every: int = 10
+    loader_workers: int = 0
+    shuffle_buffer: int = 32
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    num_to_keep: int = 2
+    fault_at: tuple[int, str] | None = field(default=None, compare=False)  # tests: (step, marker file)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("at least one --dataset name=URL:kind:weight is required")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        for key in ("steps", "batch_size", "num_prompts", "checkpoint_every", "report_every", "eval_batch_size",
+                    "mask_points"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num-workers must be >= 0 (0 = in this process), got {self.num_workers}")
+        if self.templates not in ("vild", "plain") and "{}" not in self.templates:
+            raise ValueError(f"--templates must be vild, plain or a template containing {{}}, got {self.templates!r}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainJobConfig:
+        data = dict(data)
+        data["datasets"] = tuple(DatasetSpec(**d) if isinstance(d, dict) else d for d in data["datasets"])
+        data["heldout"] = tuple(tuple(h) for h in data.get("heldout", ()))
+        data["scale_range"] = tuple(data.get("scale_range", (0.9, 2.0)))
+        if data.get("fault_at") is not None:
+            data["fault_at"] = tuple(data["fault_at"])
+        return cls(**data)
+
+    def template_list(self) -> tuple[str, ...]:
+        from ovsam.templates import VILD_TEMPLATES
+
+        return {"vild": tuple(VILD_TEMPLATES), "plain": ("{}",)}.get(self.templates, (self.templates,))
+
+    def training_hash(self) -> str:
+        """Hash of the settings that shape the training (not placement, logging or evaluation)."""
+        keys = ("datasets", "model", "checkpoint", "steps", "batch_size", "lr", "weight_decay", "clip_grad_norm",
+                "warmup_steps", "schedule", "mask_points", "num_prompts", "scale_range", "min_area",
+                "published_truncation", "published_image_box", "templates", "seed")
+        d = self.to_dict()
+        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", dest="datasets", action="append", required=True, metavar="NAME=URL:KIND:WEIGHT",
+                   help="a packed shard set (root with classes.json and _index.json, or a glob of shards), its kind "
+                        "(image, box or mask) and sampling weight; repeatable")
+    p.add_argument("--heldout", action="append", default=[], metavar="NAME=URL",
+                   help="a held-out shard set evaluated with the OVSAM_SPEC §5 metric (mIoU, top-1 accuracy); "
+                        "repeatable")
+    p.add_argument("--model", default="ovsam-tiny", help="model name (see `ovsam models`)")
+    p.add_argument("--checkpoint", default=None,
+                   help="initial weights: a project checkpoint (converted or distilled model)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per worker per step (default 2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default {DEFAULT_LR}; published 1e-4 at batch 16)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="global gradient-norm clip (default: none; the published recipe clips at 0.01)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up from 0.001x (default: 5%% of --steps, at most the published 500)")
+    p.add_argument("--schedule", choices=("multistep", "cosine", "constant"), default="multistep",
+                   help="multistep = x0.1 at 8/12 and 11/12 of the run, as published (default)")
+    p.add_argument("--published-optim", action="store_true",
+                   help="the published optimiser settings: lr 1e-4, gradient clip 0.01, 500 warm-up steps")
+    p.add_argument("--mask-points", type=int, default=DEFAULT_MASK_POINTS,
+                   help=f"points per mask for the mask losses (default {DEFAULT_MASK_POINTS}, a quarter of a tiny "
+                        f"model's 64x64 low-res mask; published 12544 for 256x256)")
+    p.add_argument("--num-prompts", type=int, default=40, help="prompts per image (published 40: 21 box, 19 point)")
+    p.add_argument("--scale-range", type=float, nargs=2, default=(0.9, 2.0), metavar=("LO", "HI"),
+                   help="LSJ resize range r ~ U(LO, HI) of the input size (published 0.9 2.0 COCO, 0.1 2.0 LVIS)")
+    p.add_argument("--min-area", type=float, default=None,
+                   help="drop instances smaller than this after the crop (default: 32 px at 1024, scaled)")
+    p.add_argument("--published-truncation", action="store_true",
+                   help="keep the first 40 annotations of crowded images (published bug) instead of a random 40")
+    p.add_argument("--published-image-box", action="store_true",
+                   help="whole-image box [0, 0, h, w] for image-level data (published x/y swap)")
+    p.add_argument("--templates", default="vild",
+                   help="prompt templates of the class text embeddings: vild (the published 14, default), plain "
+                        "(the bare class name), or one template containing {} (e.g. 'a photo of a {}.')")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = at the end)")
+    p.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial weights")
+    p.add_argument("--eval-samples", type=int, default=None, help="evaluate at most this many held-out images")
+    p.add_argument("--report-every", type=int, default=10,
+                   help="steps between metric reports to Ray Train (every step is logged; default 10)")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader processes per training worker and dataset (default 0: decode in the loop)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="Ray Train workers (default 2; 0 = run in this process without Ray)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
+    p.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--name", required=True, help="run name; a relaunch with the same name resumes")
+    p.add_argument("--storage-path", required=True, help="where checkpoints go (local dir or s3://...)")
+    p.add_argument("--output", default=None, help="final model file (project format), local path or URL")
+    p.add_argument("--export-released", default=None, metavar="DIR",
+                   help="also write the released layout (clip2sam.pth: fpn_neck.*, mask_decoder.*) to DIR")
+    p.add_argument("--summary", default=None, help="write the final metrics as JSON to this file")
+    p.add_argument("--storage-options", default="{}",
+                   help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--fault-at", default=None, help=argparse.SUPPRESS)  # tests: "STEP:MARKER" kills rank 1 once
+
+
+def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
+    datasets = tuple(parse_dataset_spec(t) for t in args.datasets)
+    heldout = tuple(parse_heldout_spec(t) for t in args.heldout)
+    lr, clip, warmup = args.lr, args.clip_grad_norm, args.warmup_steps
+    if args.published_optim:
+        lr = 1e-4 if lr is None else lr
+        clip = 0.01 if clip is None else clip
+        warmup = 500 if warmup is None else warmup
+    fault = None
+    if args.fault_at:
+        step, _, marker = args.fault_at.partition(":")
+        fault = (int(step), marker)
+    try:
+        storage_options = json.loads(args.storage_options)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--storage-options must be a JSON object: {e}") from None
+    return TrainJobConfig(
+        datasets=datasets, heldout=heldout, name=args.name, storage_path=args.storage_path, model=args.model,
+        checkpoint=args.checkpoint, steps=args.steps, batch_size=args.batch_size,
+        lr=DEFAULT_LR if lr is None else lr, weight_decay=args.weight_decay, clip_grad_norm=clip,
+        warmup_steps=warmup, schedule=args.schedule, mask_points=args.mask_points, num_prompts=args.num_prompts,
+        scale_range=tuple(args.scale_range), min_area=args.min_area,
+        published_truncation=args.published_truncation, published_image_box=args.published_image_box,
+        templates=args.templates, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
+        eval_samples=args.eval_samples, report_every=args.report_every, loader_workers=args.loader_workers,
+        seed=args.seed, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures, num_to_keep=args.num_to_keep, fault_at=fault,
+        storage_options=storage_options)
+
+
+def trainer_config(cfg: TrainJobConfig):
+    from jobs.trainer import TrainerConfig
+
+    return TrainerConfig(name=cfg.name, storage_path=cfg.storage_path, num_workers=max(cfg.num_workers, 1),
+                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                         num_to_keep=cfg.num_to_keep, storage_options=cfg.storage_options)
+
+
+def run_train(cfg: TrainJobConfig, *, output: str | None = None, export_released: str | None = None,
+              ray_address: str | None = None) -> dict[str, Any]:
+    """Train (on Ray Train, or in this process with ``num_workers=0``), then write ``output`` and the released
+    layout; returns the final metrics (``eval/<dataset>/<prompt>/<metric>``, ``batches/<dataset>``, ``step``, ...,
+    ``wall_time_s``, ``checkpoint``)."""
+    from jobs import trainer
+    from jobs.train_loop import train_loop
+
+    tcfg = trainer_config(cfg)
+    start = time.time()
+    if cfg.num_workers == 0:
+        result = trainer.run_local(train_loop, cfg.to_dict(), tcfg)
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address)
+        result = trainer.launch(train_loop, cfg.to_dict(), tcfg)
+    metrics = dict(result.metrics or {})
+    metrics["wall_time_s"] = time.time() - start
+    if result.checkpoint is None:
+        raise ValueError(f"run {cfg.name!r} ended without a checkpoint; see the worker logs")
+    metrics["checkpoint"] = str(result.checkpoint.path)
+    with result.checkpoint.as_directory() as d:
+        metrics.update(export_outputs(Path(d) / MODEL_FILE, output=output, released_dir=export_released,
+                                      storage_options=cfg.storage_options))
+    return metrics
+
+
+def export_outputs(model_file: Path, *, output: str | None = None, released_dir: str | None = None,
+                   storage_options: dict | None = None) -> dict[str, Any]:
+    """Copy the trained model file to ``output`` (local path or URL) and export the released layout."""
+    out: dict[str, Any] = {}
+    if output:
+        import fsspec
+
+        with open(model_file, "rb") as src, fsspec.open(output, "wb", **(storage_options or {})) as dst:
+            dst.write(src.read())
+        out["output"] = output
+    if released_dir:
+        from ovsam import build_ovsam
+        from ovsam.checkpoint import export_released
+
+        paths = export_released(build_ovsam(checkpoint=model_file), released_dir)
+        out["released"] = {k: str(v) for k, v in paths.items()}
+    return out
+
+
+def _summary_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = [f"trained {int(metrics.get('step', 0))} steps in {metrics.get('wall_time_s', 0.0):.0f} s "
+             f"({metrics.get('samples_per_s', 0.0):.1f} samples/s in the last steps)"]
+    batches = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("batches/")}
+    if batches:
+        total = sum(batches.values()) or 1
+        lines.append("batches per dataset: " + ", ".join(f"{k} {int(v)} ({v / total:.0%})" for k, v in
+                                                          sorted(batches.items())))
+    for prefix, title in (("initial/", "untrained"), ("eval/", "held-out")):
+        evals = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        for key in sorted(evals):
+            if key.endswith(("/miou", "/acc", "/head_acc")):
+                lines.append(f"{title} {key}: {evals[key]:.3f}")
+    for key in ("output", "released", "checkpoint"):
+        if key in metrics:
+            lines.append(f"{key}: {metrics[key]}")
+    return lines
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the job for parsed arguments (``ovsam train`` and :func:`main`); prints a summary."""
+    cfg = config_from_args(args)
+    metrics = run_train(cfg, output=args.output, export_released=args.export_released,
+                        ray_address=args.ray_address)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(metrics, indent=1, sort_keys=True, default=str))
+    print("\n".join(_summary_lines(metrics)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ovsam train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_from_args(args)
+    except ValueError as e:
+        print(f"ovsam train: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
