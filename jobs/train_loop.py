@@ -103,7 +103,7 @@ def _targets(record: Any) -> dict[str, Any]:
 
 def _metric_keys(kind: str, has_split: bool) -> list[str]:
     prefixes = ["", "base_", "novel_"] if has_split else [""]
-    fields = ["count", "correct", "head_correct"] + (["iou", "masks"] if kind == "mask" else [])
+    fields = ["count", "correct", "head_correct", "gt_box_correct"] + (["iou", "masks"] if kind == "mask" else [])
     return [p + f for p in prefixes for f in fields]
 
 

@@ -5,7 +5,8 @@ original resolution (``sigmoid > 0.5``) and the top-1 label. Reported values are
 instances: ``miou`` (mean IoU with ``1e-8`` in the denominator) and ``acc`` (top-1 accuracy as a fraction; the
 published ``score`` is ``100 * acc``), plus ``base_*`` / ``novel_*`` over instances whose GT class is base or
 novel when the vocabulary has a split. ``head_acc`` is the accuracy of the CLIP2SAM classifier alone (without the
-frozen-CLIP ensemble).
+frozen-CLIP ensemble) on the RoI of the predicted mask's box, as at inference; ``gt_box_acc`` the same classifier on
+the GT box's RoI, as in training (OVSAM_SPEC §6.2: a train/test shift), so it does not depend on the masks.
 
 :class:`InstanceMetric` keeps plain sums, so workers can add theirs up before :meth:`InstanceMetric.summary`.
 """
@@ -65,9 +66,11 @@ class InstanceMetric:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
     def update(self, gt_labels: np.ndarray, pred_labels: np.ndarray, *, ious: np.ndarray | None = None,
-               head_labels: np.ndarray | None = None, split: np.ndarray | None = None) -> None:
+               head_labels: np.ndarray | None = None, gt_box_labels: np.ndarray | None = None,
+               split: np.ndarray | None = None) -> None:
         """Add N instances: GT labels ``[N]``, predicted labels ``[N]``, optional IoUs ``[N]``, head-only labels
-        ``[N]`` and the vocabulary's split (``[C]``, 1 base / 2 novel / 0 excluded) to group them."""
+        (RoI of the predicted mask's box, as at inference) and head labels on GT-box RoIs ``[N]``, and the
+        vocabulary's split (``[C]``, 1 base / 2 novel / 0 excluded) to group them."""
         gt = np.asarray(gt_labels, dtype=np.int64)
         correct = np.asarray(pred_labels) == gt
         groups = {"": np.ones(len(gt), dtype=bool)}
@@ -79,21 +82,25 @@ class InstanceMetric:
             self._add(prefix + "correct", correct[sel].sum())
             if head_labels is not None:
                 self._add(prefix + "head_correct", (np.asarray(head_labels) == gt)[sel].sum())
+            if gt_box_labels is not None:
+                self._add(prefix + "gt_box_correct", (np.asarray(gt_box_labels) == gt)[sel].sum())
             if ious is not None:
                 self._add(prefix + "iou", np.asarray(ious, dtype=np.float64)[sel].sum())
                 self._add(prefix + "masks", sel.sum())
 
     @staticmethod
     def summary(sums: dict[str, float]) -> dict[str, float]:
-        """``miou``, ``acc``, ``head_acc`` and their ``base_``/``novel_`` variants (where defined), ``count``."""
+        """``miou``, ``acc``, ``head_acc``, ``gt_box_acc`` and their ``base_``/``novel_`` variants (where defined),
+        ``count``."""
         out: dict[str, float] = {}
         for prefix in ("", "base_", "novel_"):
             n = sums.get(prefix + "count", 0.0)
             if n <= 0:
                 continue
             out[prefix + "acc"] = sums.get(prefix + "correct", 0.0) / n
-            if prefix + "head_correct" in sums:
-                out[prefix + "head_acc"] = sums[prefix + "head_correct"] / n
+            for key in ("head", "gt_box"):
+                if prefix + f"{key}_correct" in sums:
+                    out[prefix + f"{key}_acc"] = sums[prefix + f"{key}_correct"] / n
             if sums.get(prefix + "masks", 0.0) > 0:
                 out[prefix + "miou"] = sums[prefix + "iou"] / sums[prefix + "masks"]
         out["count"] = sums.get("count", 0.0)
@@ -133,13 +140,14 @@ def evaluate_samples(
                 pts = center_points(t["masks"]).astype(np.float32)
                 prompts.append({"point_coords": pts[:, None, :], "point_labels": np.ones((len(pts), 1))})
         preds = predict_batch(model, images, prompts, vocabulary)
-        for pred, t in zip(preds, targets):
+        gt_box_labels = _gt_box_head_labels(model, images, targets, text)
+        for pred, t, gt_box in zip(preds, targets, gt_box_labels):
             if len(t["labels"]) == 0:
                 continue
             head = R.class_logits(torch.as_tensor(pred.head_embeddings), text, scale)[:, :-1].argmax(1).numpy()
             ious = mask_iou(pred.masks, t["masks"]) if t.get("masks") is not None else None
             metric.update(np.asarray(t["labels"]), np.asarray(pred.labels), ious=ious, head_labels=head,
-                          split=split)
+                          gt_box_labels=gt_box, split=split)
 
     images: list[np.ndarray] = []
     targets: list[dict[str, Any]] = []
@@ -154,6 +162,30 @@ def evaluate_samples(
     if images:
         flush(images, targets)
     return metric
+
+
+@torch.no_grad()
+def _gt_box_head_labels(model: Any, images: list[np.ndarray], targets: list[dict[str, Any]],
+                        text: torch.Tensor) -> list[np.ndarray]:
+    """Top-1 labels of the CLIP2SAM classifier alone on RoIs of the GT boxes (the training protocol), per image."""
+    from . import transforms as T
+    from .batch import encode_images, prepare_image
+
+    prepared = [prepare_image(model, image) for image in images]
+    features = encode_images(model, torch.stack([p.tensor for p in prepared]))
+    boxes, index = [], []
+    for i, (p, t) in enumerate(zip(prepared, targets)):
+        b = torch.as_tensor(T.apply_boxes(np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4), p.original_size,
+                                          p.input_size), dtype=torch.float32)
+        boxes.append(b)
+        index.append(torch.full((len(b),), i, dtype=torch.long))
+    rec = model.config.recognition
+    all_boxes = torch.cat(boxes).to(model.device)
+    rois = torch.cat([torch.cat(index).to(model.device)[:, None].float(), all_boxes], dim=1)
+    feats = R.multilevel_roi_align(features.fpn_feats, rois, model.config.neck.strides, rec.roi_size,
+                                   rec.finest_scale)
+    labels = R.class_logits(model.mask_decoder.roi_embeddings(feats), text, rec.logit_scale)[:, :-1].argmax(1)
+    return np.split(labels.cpu().numpy(), np.cumsum([len(b) for b in boxes])[:-1])
 
 
 __all__ = ["InstanceMetric", "center_points", "evaluate_samples", "mask_iou"]

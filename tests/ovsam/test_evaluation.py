@@ -101,8 +101,10 @@ def test_evaluate_samples_perfect_and_wrong_predictions(tiny, monkeypatch):
     by_image = {id(img): t for img, t in samples}
     perfect = _fake_predict(lambda img: {**by_image[id(img)], "head": by_image[id(img)]["labels"]})
     monkeypatch.setattr(ovsam.batch, "predict_batch", perfect)
+    gt_box = []
     for prompt in ("box", "point"):
         s = E.InstanceMetric.summary(E.evaluate_samples(model, samples, vocab, prompt=prompt, batch_size=1).sums)
+        gt_box.append({k: s.pop(k) for k in list(s) if "gt_box" in k})
         assert s == pytest.approx({"acc": 1.0, "head_acc": 1.0, "miou": 1.0, "base_acc": 1.0, "base_head_acc": 1.0,
                                    "base_miou": 1.0, "novel_acc": 1.0, "novel_head_acc": 1.0, "novel_miou": 1.0,
                                    "count": 4.0}, abs=1e-9)
@@ -111,6 +113,8 @@ def test_evaluate_samples_perfect_and_wrong_predictions(tiny, monkeypatch):
     monkeypatch.setattr(ovsam.batch, "predict_batch", wrong)
     s = E.InstanceMetric.summary(E.evaluate_samples(model, samples, vocab).sums)
     assert s["acc"] == 0.0 and s["head_acc"] == 0.0 and s["miou"] == 0.0 and s["count"] == 4
+    # the GT-box accuracy runs the model's own classifier on the GT boxes: independent of the predictions
+    assert gt_box[0] == gt_box[1] == {k: s[k] for k in s if "gt_box" in k} and "gt_box_acc" in gt_box[0]
 
 
 def test_evaluate_samples_runs_the_model(tiny):
