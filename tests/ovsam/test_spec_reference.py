@@ -149,7 +149,8 @@ def ref_predict(model, vocab, image, boxes=None, points=None):
 
 
 def _check(pred, ref, vocab):
-    np.testing.assert_allclose(pred.low_res_logits, ref["low"].numpy(), atol=1e-4, rtol=0)
+    # logits reach a few hundred for empty masks, where float32 summation order alone moves them by a few ulp
+    np.testing.assert_allclose(pred.low_res_logits, ref["low"].numpy(), atol=1e-4, rtol=1e-6)
     for got, want in ((pred.head_embeddings, ref["head"]), (pred.clip_embeddings, ref["clip"])):
         scale = np.abs(want.numpy()).max(axis=1, keepdims=True) + 1e-12
         np.testing.assert_allclose(got / scale, want.numpy() / scale, atol=1e-5, rtol=0)
