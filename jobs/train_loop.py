@@ -148,7 +148,7 @@ def _optim_config(cfg: TrainJobConfig):
     from ovsam.training import published_optim
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, max(1, round(0.05 * cfg.steps)))
-    return dataclasses.replace(published_optim(STAGE), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    return dataclasses.replace(published_optim(STAGE), lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
                                clip_grad_norm=cfg.clip_grad_norm, warmup_steps=warmup, schedule=cfg.schedule)
 
 

@@ -205,3 +205,67 @@ def test_mixture_loader_batches_hold_one_dataset(packed):
     for step in range(6):
         name, batch = loader.batch(step)
         assert len(batch) == 3 and {s.dataset for s in batch} == {name} and {s.kind for s in batch} == {name}
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(packed):
+    """moto's S3 server on 127.0.0.1 holding the packed mask shard set under s3://train-data/mask/."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                           "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+                           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+                           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}.items():
+            mp.setenv(key, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            options = {"key": "test-key", "secret": "test-secret",
+                       "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+            import boto3
+            import s3fs
+
+            boto3.client("s3", endpoint_url=options["client_kwargs"]["endpoint_url"], region_name="us-east-1",
+                         aws_access_key_id="test-key", aws_secret_access_key="test-secret"
+                         ).create_bucket(Bucket="train-data")
+            fs = s3fs.S3FileSystem(**options)
+            fs.put(str(packed / "mask" / "train"), "train-data/mask/train", recursive=True)
+            yield options
+        finally:
+            server.stop()
+
+
+def test_shard_set_streams_from_s3(s3_bucket, packed):
+    shard_set = TD.open_shard_set("s3://train-data/mask/train", s3_bucket)
+    local = TD.open_shard_set(str(packed / "mask" / "train"))
+    assert [s.rsplit("/", 1)[1] for s in shard_set.shards] == [s.rsplit("/", 1)[1] for s in local.shards]
+    assert all(s.startswith("s3://train-data/mask/train/") for s in shard_set.shards)
+    assert shard_set.classes == local.classes and shard_set.num_samples == 8
+    assert [k for k, _, _ in TD.iter_samples(list(shard_set.shards), s3_bucket)] == \
+        [k for k, _, _ in TD.iter_samples(list(local.shards))]
+    stream = TD.TrainStream("s3", list(shard_set.shards), TD.AugmentConfig(image_size=64), storage_options=s3_bucket)
+    it = iter(stream)
+    assert len({next(it).key for _ in range(8)}) == 8
+    glob = TD.open_shard_set("s3://train-data/mask/train/*.tar", s3_bucket)
+    assert glob.shards == shard_set.shards and glob.classes == local.classes
+
+
+def test_vocabulary_cache_on_s3(s3_bucket, packed):
+    from jobs.train_loop import vocabulary_for
+    from ovsam import build_ovsam
+
+    model = build_ovsam("ovsam-tiny")
+    classes = TD.open_shard_set(str(packed / "mask" / "train")).classes
+    first = vocabulary_for(classes, model, "s3://train-data/runs", s3_bucket, templates=("{}",))
+    import s3fs
+
+    cached = s3fs.S3FileSystem(**s3_bucket).ls("train-data/runs/_vocab")
+    assert len(cached) == 1
+    again = vocabulary_for(classes, model, "s3://train-data/runs", s3_bucket, templates=("{}",))
+    assert again == first and len(again) == 12 and again.split is not None and (again.split == 1).all()
+    other = vocabulary_for(classes, model, "s3://train-data/runs", s3_bucket)  # other templates: another entry
+    assert other != first and len(s3fs.S3FileSystem(**s3_bucket).ls("train-data/runs/_vocab")) == 2
