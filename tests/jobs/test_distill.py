@@ -28,6 +28,7 @@ from ovsam.checkpoint import convert_official, export_released
 from pipeline.distill_data import EMBEDDING_EXT, DistillStream, InputSpec, decode_embedding
 from pipeline.sources import iter_samples
 from pipeline.synthetic import draw_scene, write_shards
+from tests.s3server import moto_s3
 
 STUDENT, TEACHER = "ovsam-tiny", "sam-tiny"
 INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -166,26 +167,8 @@ ACCESS_KEY, SECRET_KEY, REGION = "ovsam-distill-key", "ovsam-distill-secret", "u
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 with dummy credentials in the environment for this module only."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_SESSION_TOKEN", raising=False)
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-        mp.setenv("no_proxy", "127.0.0.1,localhost")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    with moto_s3(ACCESS_KEY, SECRET_KEY, REGION) as endpoint:
+        yield endpoint
 
 
 def test_dump_to_s3_equals_local_and_trains_from_it(shards, tmp_path, s3_endpoint):

@@ -23,6 +23,7 @@ from pipeline import pack_writer
 from pipeline.pack import pack_synthetic, plan_coco, plan_folders, plan_sa1b, plan_synthetic, write_plan
 from pipeline.pack_writer import member_bytes, tar_file_bytes
 from schemas.training import ClassesFile, TrainingRecord, index_from_json
+from tests.s3server import moto_s3
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -633,26 +634,8 @@ REGION = "us-east-1"
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 with dummy credentials in the environment for this module only."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_SESSION_TOKEN", raising=False)
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-        mp.setenv("no_proxy", "127.0.0.1,localhost")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    with moto_s3(ACCESS_KEY, SECRET_KEY, REGION) as endpoint:
+        yield endpoint
 
 
 def test_s3_round_trip_equals_local_pack(tmp_path, s3_endpoint):

@@ -30,6 +30,8 @@ import pytest
 
 from schemas import IMAGES_SCHEMA, INSTANCES_SCHEMA, SCHEMA_VERSION
 
+from tests.s3server import moto_s3
+
 from .corpus import ShardExpectation, write_corpus
 
 ACCESS_KEY = "ovsam-test-access-key"
@@ -71,35 +73,16 @@ class JobRun:
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on 127.0.0.1 with dummy credentials in the environment for this module only."""
-    from moto.server import ThreadedMotoServer
+    import boto3
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        # Never look for credentials or regions anywhere but here (no instance metadata service, no user files),
-        # and never route loopback traffic through a proxy.
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_SESSION_TOKEN", raising=False)
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-        mp.setenv("no_proxy", "127.0.0.1,localhost")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = S3Endpoint(f"http://{host}:{port}", host, port)
-            import boto3
-
-            client = boto3.client("s3", endpoint_url=endpoint.url, region_name=REGION,
-                                  aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
-            for bucket in (IN_BUCKET, OUT_BUCKET):
-                client.create_bucket(Bucket=bucket)
-            yield endpoint
-        finally:
-            server.stop()
+    with moto_s3(ACCESS_KEY, SECRET_KEY, REGION) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        endpoint = S3Endpoint(url, host, int(port))
+        client = boto3.client("s3", endpoint_url=endpoint.url, region_name=REGION,
+                              aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+        for bucket in (IN_BUCKET, OUT_BUCKET):
+            client.create_bucket(Bucket=bucket)
+        yield endpoint
 
 
 @pytest.fixture(scope="module")
