@@ -190,7 +190,7 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     write_run_json(fs, root, {"config": public, "hashed": hashed, "config_hash": chash,
                               "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
                                              "clip_model": vocabulary.clip_model},
-                              "model_config": model.config.to_dict(), "versions": _versions()})
+                              "model_config": model.config.to_dict(), "versions": package_versions()})
     del model
     ledger.cleanup_tmp()
     import ray
@@ -223,7 +223,8 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     return summary
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape the output (for run.json)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

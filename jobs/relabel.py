@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jobs.annotate import package_versions
+
 logger = logging.getLogger(__name__)
 
 #: Rows classified per call: bounds the ``rows x classes`` score matrices for 20k-class vocabularies.
@@ -260,7 +262,7 @@ def run_relabel(cfg: RelabelConfig) -> RelabelSummary:
                    "hashed": source.get("hashed")},
         "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
                        "clip_model": vocabulary.clip_model},
-        "model_config": source["model_config"], "versions": _versions(),
+        "model_config": source["model_config"], "versions": package_versions(),
     })
     dst_ledger.cleanup_tmp()
     recognition = model.config.recognition
@@ -287,18 +289,6 @@ def run_relabel(cfg: RelabelConfig) -> RelabelSummary:
     for name, err in summary.failed.items():
         print(f"[relabel] FAILED {name}: {err}", file=sys.stderr)
     return summary
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("ovsam", "torch", "open_clip_torch", "pyarrow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
