@@ -211,7 +211,7 @@ def report(metrics: dict, state: dict | None = None,
     Every rank must call it the same number of times (it is a barrier across workers). Outside Ray Train the
     metrics are logged and nothing is saved."""
     if not _IN_RAY_TRAIN:
-        logger.info("metrics: %s", metrics)
+        logger.debug("metrics: %s", metrics)
         if _LOCAL is not None:
             _LOCAL["metrics"] = dict(metrics)
             if state is not None:

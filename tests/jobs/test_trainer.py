@@ -3,8 +3,10 @@
 Checks: the helpers in a plain process (rank 0 of 1); on 2 local Ray Train workers: ranks, disjoint shard slices,
 mean all-reduce of values and gradients (absent gradients stay absent), a checkpoint holding ``state.pt`` and the
 job's extra file; a worker that dies mid-run resumes from the last checkpoint and ends where an uninterrupted run
-ends; a relaunch with the same name continues from the saved step. About 5 min on 2 cores shared with other
-test runs (load ~16; each Ray Train launch spends ~45 s starting its workers there), far less on an idle machine.
+ends; a relaunch with the same name continues from the saved step (these two are marked slow: the training job's
+tests cover both in the default suite); run_local checkpoints and resumes in one process. Default suite: about
+1 min on 2 shared cores (one Ray Train launch); with the slow tests about 5 min under load (each launch spends
+~45 s starting its workers there).
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def test_two_workers_split_reduce_and_checkpoint(ray_local, tmp_path):
         assert json.loads((Path(d) / "weights.json").read_text()) == state["model"]["weight"].tolist()
 
 
+@pytest.mark.slow  # the job-level twin in tests/jobs/test_train.py stays in the default suite
 def test_worker_death_resumes_from_last_checkpoint(ray_local, tmp_path):
     ref_log, log = tmp_path / "ref", tmp_path / "log"
     ref_log.mkdir()
@@ -149,6 +152,7 @@ def test_worker_death_resumes_from_last_checkpoint(ray_local, tmp_path):
     assert torch.allclose(state["model"]["weight"], torch.tensor(reference), atol=1e-5)
 
 
+@pytest.mark.slow  # covered in the default suite by the driver-kill test of tests/jobs/test_train.py
 def test_relaunch_with_same_name_continues(ray_local, tmp_path):
     log = tmp_path / "log"
     log.mkdir()
