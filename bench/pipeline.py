@@ -43,7 +43,9 @@ Fairness: by default one worker with every CPU Ray has (``--cpus-per-worker`` = 
 sets ``OMP_NUM_THREADS`` to the actor's ``num_cpus`` and torch follows it, so the actor's model runs on the same T
 threads as the model-only loop and the job gets no CPU the model-only loop did not have: decoding, reading and
 writing must fit into the same cores, and the ratio shows what they cost. The benchmark checks the thread count a
-Ray task with T CPUs sees and reports it (``actor_torch_threads``).
+Ray task with T CPUs sees and reports it (``actor_torch_threads``), with its niceness: Ray runs workers at a
+lower priority than the driver, which makes no difference on an idle machine but makes the job lose CPU share to
+other processes on a busy one, where ``cpu_ratio`` is the fairer comparison.
 """
 
 from __future__ import annotations
@@ -158,14 +160,16 @@ def measure_model_only(annotator: Any, decoded: dict[str, list[Any]], batch_size
 
 
 def actor_threads(num_cpus: int) -> dict[str, Any]:
-    """torch's thread count and OMP_NUM_THREADS in a Ray task that asks for ``num_cpus`` CPUs."""
+    """torch's thread count, OMP_NUM_THREADS and the process niceness in a Ray task that asks for ``num_cpus``
+    CPUs (Ray starts its workers at a lower priority than the driver, which matters only on a busy machine)."""
     import ray
 
     @ray.remote(num_cpus=num_cpus)
     def probe() -> dict[str, Any]:
         import torch
 
-        return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+        return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                "niceness": os.nice(0)}
 
     return ray.get(probe.remote())
 
@@ -299,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "workers": args.workers, "cpus_per_worker": cpus, "ray_cpus": ray_cpus,
                          "warmup_batches": args.warmup_batches},
             "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-                        "device": "cpu", "load_average_1min": load},
+                        "device": "cpu", "load_average_1min": load, "driver_niceness": os.nice(0)},
             "corpus": {"images": corpus.images, "boxes": corpus.boxes, "boxes_per_image": corpus.boxes_per_image,
                        "mean_jpeg_kib": corpus.jpeg_bytes / corpus.images / 1024, "seconds": corpus_s},
             "actor_torch_threads": threads,
