@@ -64,6 +64,11 @@ PUBLISHED_LR = 1e-4
 PUBLISHED_BATCH = 16
 PUBLISHED_CLIP = 0.01
 DEFAULT_MASK_POINTS = 1024
+# The short-run recipe for the random-init ovsam-tiny on `ovsam pack synthetic` data (the first example above;
+# used by `make demo` and the tests), per worker on 2 workers.
+SYNTHETIC_RECIPE: dict[str, Any] = {"steps": 400, "batch_size": 4, "num_prompts": 10, "lr": 3e-3,
+                                    "warmup_steps": 75, "schedule": "constant", "clip_grad_norm": None,
+                                    "templates": "plain", "mask_points": 1024}
 
 
 @dataclass(frozen=True)

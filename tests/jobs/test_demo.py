@@ -1,4 +1,5 @@
-"""The demo end to end: shards -> annotation job on local Ray -> Parquet, COCO JSON and overlays; a rerun skips."""
+"""The demo end to end: (training ovsam-tiny on the synthetic world ->) shards -> annotation job on local Ray ->
+Parquet, COCO JSON and overlays; a rerun skips what is done."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from jobs.cli import main
 
 def test_demo_annotates_generated_shards(tmp_path, capsys):
     args = ["demo", "--output", str(tmp_path), "--shards", "2", "--samples-per-shard", "2", "--overlays", "3",
-            "--workers", "1"]
+            "--workers", "1", "--no-train"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "2 shards: 0 committed, 2 to process" in out and "statuses:" in out
@@ -35,3 +36,29 @@ def test_demo_annotates_generated_shards(tmp_path, capsys):
     # the same demo again: every shard is committed already
     assert main(args) == 0
     assert "2 shards: 2 committed, 0 to process" in capsys.readouterr().out
+
+
+def test_demo_trains_its_model_and_annotates_with_it(tmp_path, capsys):
+    args = ["demo", "--output", str(tmp_path), "--shards", "1", "--samples-per-shard", "2", "--overlays", "1",
+            "--workers", "1", "--train-steps", "3", "--train-workers", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "training ovsam-tiny for 3 steps on 2 Ray Train workers" in out
+    assert "box prompts: mask IoU" in out and "top-1 label" in out
+    model = tmp_path / "model" / "ovsam-tiny-synthetic.safetensors"
+    summary = json.loads((tmp_path / "model" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["world_size"] == 2 and "eval/synthetic/box/miou" in summary
+    assert sorted(p.name for p in (tmp_path / "model" / "data" / "synthetic").iterdir()) == ["heldout", "train"]
+    run = json.dumps(json.loads((tmp_path / "annotations" / "run.json").read_text()))
+    # the annotation job ran on the trained model, with the vocabulary it was trained against
+    assert str(model) in run and str(tmp_path / "model" / "vocabulary.safetensors") in run
+    from ovsam import Vocabulary
+    from pipeline.synthetic import CLASS_NAMES
+
+    vocabulary = Vocabulary.load(tmp_path / "model" / "vocabulary.safetensors")
+    assert vocabulary.names == list(CLASS_NAMES) and vocabulary.templates == ("{}",)
+    assert vocabulary.split is not None and set(vocabulary.split.tolist()) == {1}  # all trained (base) classes
+    assert "randomly initialised" not in out
+    # a second demo reuses the trained model
+    assert main(args) == 0
+    assert "reusing" in capsys.readouterr().out

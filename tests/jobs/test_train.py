@@ -31,17 +31,16 @@ import pytest
 import torch
 
 from jobs import trainer
-from jobs.train import TrainJobConfig, run_train
+from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train
 from pipeline.train_data import DatasetSpec
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 400
+# The short-run recipe for the random-init tiny model (jobs/train.py, also the demo's): lr 3e-3 with a 75-step
+# warm-up and no clipping, constant schedule, 4 images x 10 prompts per worker, 1024 mask points, bare-name text
+# embeddings.
+STEPS = SYNTHETIC_RECIPE["steps"]
 CHECKPOINT_EVERY = 100
-# A short-run recipe for the random-init tiny model (see jobs/train.py): lr 3e-3 with a 75-step warm-up and no
-# clipping, constant schedule, 4 images x 10 prompts per worker, 1024 mask points, bare-name text embeddings.
-TRAIN_ARGS = {"steps": STEPS, "batch_size": 4, "num_prompts": 10, "lr": 3e-3, "warmup_steps": 75,
-              "schedule": "constant", "clip_grad_norm": None, "checkpoint_every": CHECKPOINT_EVERY,
-              "eval_samples": 48, "report_every": 20, "templates": "plain", "mask_points": 1024}
+TRAIN_ARGS = {**SYNTHETIC_RECIPE, "checkpoint_every": CHECKPOINT_EVERY, "eval_samples": 48, "report_every": 20}
 
 
 @pytest.fixture(scope="module")
