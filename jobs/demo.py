@@ -15,8 +15,9 @@ Steps, all under ``--output``:
   held-out shard sets of coloured squares, circles and triangles (``model/data/``), ``ovsam train`` trains the
   random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, ~3-5 min on 2
   cores; checkpoints in ``model/runs/``), evaluates the held-out set before and after, and writes
-  ``model/ovsam-tiny-synthetic.safetensors`` plus ``model/summary.json``. A later demo reuses the trained model (an
-  interrupted training resumes from its last checkpoint).
+  ``model/ovsam-tiny-synthetic.safetensors`` with the vocabulary it was trained against
+  (``model/ovsam-tiny-synthetic.synthetic.vocab.safetensors``) and ``model/summary.json``. A later demo reuses
+  the trained model (an interrupted training resumes from its last checkpoint).
 * ``shards/shard-NNNNNN.tar`` – other scenes of the same world with a JSON sidecar of boxes per image, as an
   upstream detector would give; the last shard also holds a truncated JPEG and a sample with a malformed sidecar,
   to show how bad input is reported.
@@ -64,10 +65,10 @@ HELDOUT_SCENES = 48
 
 def train_demo_model(out: Path, steps: int | None, workers: int) -> tuple[Path, Path]:
     """Train ``ovsam-tiny`` on synthetic shard sets under ``out`` (or reuse a finished run); returns the model file
-    and the vocabulary it was trained against (the recipe's templates, every class a trained "base" class).
+    and the vocabulary ``ovsam train`` wrote beside it (the one the model was trained and evaluated against).
 
     Runs on the Ray instance this process is connected to; prints the held-out metrics before and after."""
-    from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train
+    from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train, vocabulary_url
     from pipeline.pack import pack_synthetic
     from pipeline.train_data import DatasetSpec
 
@@ -82,7 +83,7 @@ def train_demo_model(out: Path, steps: int | None, workers: int) -> tuple[Path, 
                          storage_path=str(out / "runs"), eval_at_start=True, eval_samples=HELDOUT_SCENES,
                          checkpoint_every=100, report_every=20, num_workers=workers, **recipe)
     model_file = out / "ovsam-tiny-synthetic.safetensors"
-    vocabulary_file = out / "vocabulary.safetensors"
+    vocabulary_file = Path(vocabulary_url(str(model_file), "synthetic"))
     summary_file = out / "summary.json"
     if model_file.exists() and vocabulary_file.exists() and summary_file.exists():
         summary = json.loads(summary_file.read_text())
@@ -96,11 +97,6 @@ def train_demo_model(out: Path, steps: int | None, workers: int) -> tuple[Path, 
     print(f"ovsam demo: training ovsam-tiny for {cfg.steps} steps on {workers} Ray Train workers "
           f"(checkpoints in {out / 'runs'}; a few minutes on 2 cores)")
     metrics = run_train(cfg, output=str(model_file))
-    from ovsam import Vocabulary, build_ovsam
-    from pipeline.synthetic import CLASS_NAMES
-
-    Vocabulary.from_names(list(CLASS_NAMES), build_ovsam(checkpoint=model_file), templates=cfg.template_list(),
-                          split=["base"] * len(CLASS_NAMES), progress=False).save(vocabulary_file)
     summary = {"training_hash": cfg.training_hash(), **{k: v for k, v in metrics.items()
                                                          if isinstance(v, (int, float, str))}}
     summary_file.write_text(json.dumps(summary, indent=1, sort_keys=True))

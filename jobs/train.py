@@ -27,6 +27,9 @@ checkpoint (a relaunch with other training settings is refused); a worker that d
 Outputs: checkpoints (``state.pt`` + ``model.safetensors`` in the project format) every ``--checkpoint-every``
 steps, the final model file at ``--output`` (usable by ``ovsam annotate --checkpoint``), the released
 ``fpn_neck.*``/``mask_decoder.*`` layout with ``--export-released DIR``, and a JSON summary with ``--summary``.
+Next to ``--output`` go the vocabularies the datasets were classified against
+(``<output>.<dataset>.vocab.safetensors``: class names, templates, split): pass one to ``ovsam annotate
+--vocabulary`` to label with the classes the model was trained on, scored as it was evaluated.
 
 Defaults are the published recipe (OVSAM_SPEC §4.3): AdamW at 1e-4 per 16 images (scaled to the total batch),
 gradient clip 0.01, multistep at 8/12 and 11/12 of the run, 40 prompts per image (21 box, 19 point), the VILD
@@ -286,7 +289,44 @@ def run_train(cfg: TrainJobConfig, *, output: str | None = None, export_released
     with result.checkpoint.as_directory() as d:
         metrics.update(export_outputs(Path(d) / MODEL_FILE, output=output, released_dir=export_released,
                                       storage_options=cfg.storage_options))
+        if output:
+            metrics["vocabularies"] = export_vocabularies(cfg, Path(d) / MODEL_FILE, output)
     return metrics
+
+
+def vocabulary_url(output: str, dataset: str) -> str:
+    """Where :func:`export_vocabularies` puts ``dataset``'s vocabulary for the model file ``output``."""
+    return f"{output.removesuffix('.safetensors')}.{dataset}.vocab.safetensors"
+
+
+def export_vocabularies(cfg: TrainJobConfig, model_file: Path, output: str) -> dict[str, str]:
+    """Write the vocabulary each dataset was classified against (its classes, the run's templates, unsplit classes
+    as base) next to ``output`` (:func:`vocabulary_url`), for ``ovsam annotate --vocabulary``: annotating with the
+    same class names under other templates or another split does not give the labels the run was evaluated on.
+    Returns ``{dataset: url}``."""
+    import tempfile
+
+    import fsspec
+
+    from jobs.train_loop import vocabulary_for
+    from ovsam import build_ovsam
+    from pipeline.train_data import open_shard_set
+
+    model = None
+    urls = {}
+    for d in cfg.datasets:
+        classes = open_shard_set(d.url, cfg.storage_options).classes
+        if classes is None or classes.class_agnostic:
+            continue
+        model = model or build_ovsam(checkpoint=model_file)
+        vocabulary = vocabulary_for(classes, model, cfg.storage_path, cfg.storage_options,
+                                    templates=cfg.template_list())
+        urls[d.name] = vocabulary_url(output, d.name)
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = vocabulary.save(Path(tmp) / "vocabulary.safetensors")
+            with open(saved, "rb") as src, fsspec.open(urls[d.name], "wb", **cfg.storage_options) as dst:
+                dst.write(src.read())
+    return urls
 
 
 def export_outputs(model_file: Path, *, output: str | None = None, released_dir: str | None = None,

@@ -51,11 +51,12 @@ def test_demo_trains_its_model_and_annotates_with_it(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "model" / "data" / "synthetic").iterdir()) == ["heldout", "train"]
     run = json.dumps(json.loads((tmp_path / "annotations" / "run.json").read_text()))
     # the annotation job ran on the trained model, with the vocabulary it was trained against
-    assert str(model) in run and str(tmp_path / "model" / "vocabulary.safetensors") in run
+    vocabulary_file = tmp_path / "model" / "ovsam-tiny-synthetic.synthetic.vocab.safetensors"
+    assert str(model) in run and str(vocabulary_file) in run
     from ovsam import Vocabulary
     from pipeline.synthetic import CLASS_NAMES
 
-    vocabulary = Vocabulary.load(tmp_path / "model" / "vocabulary.safetensors")
+    vocabulary = Vocabulary.load(vocabulary_file)
     assert vocabulary.names == list(CLASS_NAMES) and vocabulary.templates == ("{}",)
     assert vocabulary.split is not None and set(vocabulary.split.tolist()) == {1}  # all trained (base) classes
     assert "randomly initialised" not in out

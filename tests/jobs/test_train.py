@@ -207,13 +207,20 @@ def test_output_loads_for_annotate_and_exports_released(reference, tmp_path):
     assert released and all(k.startswith(("fpn_neck.", "mask_decoder.")) for k in released)
     assert torch.equal(released["fpn_neck." + next(k for k in trained if k.startswith("fpn_neck.")).split(".", 1)[1]],
                        trained[next(k for k in trained if k.startswith("fpn_neck."))])
-    # the annotation job runs with the trained file
-    from pipeline.synthetic import write_shards
+    # beside the output: the vocabulary the run classified against (bare names, every class a trained base class)
+    from ovsam import Vocabulary
+    from pipeline.synthetic import CLASS_NAMES, write_shards
 
+    vocabulary_file = out / "model.synthetic.vocab.safetensors"
+    assert reference["vocabularies"] == {"synthetic": str(vocabulary_file)}
+    vocabulary = Vocabulary.load(vocabulary_file)
+    assert vocabulary.names == list(CLASS_NAMES) and vocabulary.templates == ("{}",)
+    assert set(vocabulary.split.tolist()) == {1}
+    # the annotation job runs with the trained file and that vocabulary
     write_shards(tmp_path / "in", num_shards=1, samples_per_shard=3)
     run = subprocess.run([sys.executable, "-m", "jobs.cli", "annotate", "--input", str(tmp_path / "in" / "*.tar"),
                           "--output", str(tmp_path / "ann"), "--checkpoint", str(out / "model.safetensors"),
-                          "--vocabulary", "coco", "--workers", "1", "--ray-address", "local"],
+                          "--vocabulary", str(vocabulary_file), "--workers", "1", "--ray-address", "local"],
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
