@@ -361,7 +361,7 @@ def _summary_lines(metrics: dict[str, Any]) -> list[str]:
         for key in sorted(evals):
             if key.endswith(("/miou", "/acc", "/head_acc")):
                 lines.append(f"{title} {key}: {evals[key]:.3f}")
-    for key in ("output", "released", "checkpoint"):
+    for key in ("output", "vocabularies", "released", "checkpoint"):
         if key in metrics:
             lines.append(f"{key}: {metrics[key]}")
     return lines
