@@ -120,8 +120,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-class _HashingWriter(io.RawIOBase):
-    """Counts and hashes what passes through to ``raw``."""
+class HashingWriter(io.RawIOBase):
+    """Counts and hashes what passes through to ``raw`` (``size``, ``sha256``)."""
 
     def __init__(self, raw: Any) -> None:
         super().__init__()
@@ -152,7 +152,7 @@ class _OpenShard:
         self.num_samples = 0
         self.content = 0
         self._file = fs.open(self.tmp, "wb")
-        self._hashing = _HashingWriter(self._file)
+        self._hashing = HashingWriter(self._file)
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0)
 
     def size_with(self, members: dict[str, bytes]) -> int:

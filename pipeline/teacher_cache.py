@@ -25,7 +25,6 @@ A rerun skips committed shards and rewrites the others from the start; leftovers
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -39,8 +38,9 @@ import torch
 
 from schemas.training import INDEX_FILE, ShardEntry, index_from_json, index_to_json
 
-from .distill_data import EMBEDDING_EXT, InputSpec, encode_embedding, image_member
 from .decode import ImageDecodeError, decode_image
+from .distill_data import EMBEDDING_EXT, InputSpec, encode_embedding, image_member
+from .pack_writer import HashingWriter
 from .sources import ShardRef, iter_samples, tar_stem
 
 logger = logging.getLogger(__name__)
@@ -200,24 +200,6 @@ def write_index(url: str, storage_options: dict | None = None) -> dict[str, Shar
     return index
 
 
-class _HashingFile(io.RawIOBase):
-    """Forwards writes to ``raw`` while counting and hashing them."""
-
-    def __init__(self, raw: Any) -> None:
-        super().__init__()
-        self.raw, self.size, self.sha256 = raw, 0, hashlib.sha256()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.raw.write(view)
-        self.sha256.update(view)
-        self.size += len(view)
-        return len(view)
-
-
 @dataclass
 class ShardDump:
     """What dumping one shard did."""
@@ -263,7 +245,7 @@ def dump_shard(teacher: Any, spec: InputSpec, shard: ShardRef, output: str, *, b
         pending.clear()
 
     with fs.open(tmp, "wb") as raw:
-        hashing = _HashingFile(raw)
+        hashing = HashingWriter(raw)
         with wds.TarWriter(hashing, encoder=False, mtime=0) as sink:
             reader = iter_samples(shard.url, storage_options)
             for sample in reader:
