@@ -188,7 +188,8 @@ def _decode_chunk(model, features, image_index, points, boxes, mask_input, vocab
     idx = torch.full((n,), image_index, dtype=torch.long, device=sparse.device)
     low_res, _ = model.decode(features, idx, sparse, dense)
     result.update(low_res=low_res, iou=stability_score(low_res))
-    roi_boxes = R.boxes_from_mask_logits(low_res, scale=model.image_size / low_res.shape[-1])
+    roi_boxes = R.boxes_from_mask_logits(low_res, scale=model.image_size / low_res.shape[-1],
+                                         rule=model.config.recognition.roi_box)
     clip_boxes = boxes if boxes is not None else roi_boxes
     regions = model.region_embeddings(features, idx, roi_boxes, low_res, clip_boxes=clip_boxes)
     result.update(head=regions.head_embeddings, clip=regions.clip_embeddings, valid=regions.clip_valid)

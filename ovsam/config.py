@@ -113,6 +113,10 @@ class RecognitionConfig:
     beta: float = 0.9
     ensemble: bool = True
     label_mlp_layers: int = 3
+    # The RoI a predicted mask is classified on: "mask" is the published tight box of every low-res pixel with
+    # sigmoid > 0.5; "largest_component" the tight box of its largest 8-connected component, so a stray positive
+    # pixel far from the object does not stretch the RoI.
+    roi_box: str = "mask"
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class OvsamConfig:
         _check_common(self)
         if len(self.clip.stage_channels) != 4 or len(self.neck.strides) != 4:
             raise ValueError(f"model '{self.name}': expected 4 CLIP stages, got {self.clip.stage_channels}")
+        if self.recognition.roi_box not in ROI_BOX_RULES:
+            raise ValueError(f"model '{self.name}': recognition.roi_box must be one of {ROI_BOX_RULES}, "
+                             f"got '{self.recognition.roi_box}'")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "OvsamConfig":
@@ -191,6 +198,7 @@ _NESTED: dict[tuple[str, str], type] = {
 }
 
 RESIZE_METHODS = ("cv2", "pil")
+ROI_BOX_RULES = ("mask", "largest_component")
 BINARIZE_METHODS = ("sigmoid", "logit")
 
 

@@ -11,15 +11,37 @@ BASE, NOVEL, EXCLUDED = 1, 2, 0
 EXCLUDED_SCORE = -1000.0
 
 
-def boxes_from_mask_logits(mask_logits: torch.Tensor, scale: float) -> torch.Tensor:
+def boxes_from_mask_logits(mask_logits: torch.Tensor, scale: float, rule: str = "mask") -> torch.Tensor:
     """Tight boxes of ``sigmoid(mask_logits) > 0.5``, with exclusive max, times ``scale``.
 
     ``mask_logits`` is ``[N, 1, h, w]`` (or ``[N, h, w]``); returns ``[N, 4]`` float32 xyxy. An empty mask gives
-    ``(0, 0, 0, 0)``.
+    ``(0, 0, 0, 0)``. ``rule`` is ``RecognitionConfig.roi_box``: ``"mask"`` (published) boxes every positive pixel,
+    ``"largest_component"`` only the largest 8-connected component of each mask.
     """
     if mask_logits.dim() == 4:
         mask_logits = mask_logits[:, 0]
-    return boxes_from_masks(mask_logits.sigmoid() > 0.5) * scale
+    masks = mask_logits.sigmoid() > 0.5
+    if rule == "largest_component":
+        masks = largest_components(masks)
+    elif rule != "mask":
+        raise ValueError(f"unknown RoI box rule {rule!r}; expected 'mask' or 'largest_component'")
+    return boxes_from_masks(masks) * scale
+
+
+def largest_components(masks: torch.Tensor) -> torch.Tensor:
+    """Each boolean mask of ``[N, h, w]`` reduced to its largest 8-connected component (ties: the one whose first pixel
+    comes first in raster order); empty masks stay empty. Labelled with OpenCV on the CPU."""
+    import cv2
+    import numpy as np
+
+    out = masks.clone()
+    arr = masks.detach().cpu().numpy().astype(np.uint8)
+    for i, m in enumerate(arr):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        if n > 2:  # background + more than one component
+            keep = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            out[i] = torch.from_numpy(labels == keep).to(masks.device)
+    return out
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -137,6 +159,6 @@ def fused_probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "BASE", "NOVEL", "EXCLUDED", "EXCLUDED_SCORE", "boxes_from_mask_logits", "boxes_from_masks", "roi_levels",
+    "BASE", "NOVEL", "EXCLUDED", "EXCLUDED_SCORE", "boxes_from_mask_logits", "boxes_from_masks", "largest_components", "roi_levels",
     "multilevel_roi_align", "class_logits", "mask_valid_for_clip", "fuse_scores", "fused_probabilities",
 ]

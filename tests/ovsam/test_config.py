@@ -105,6 +105,10 @@ def test_bad_values_are_refused():
     data["resize"] = "bicubic"
     with pytest.raises(ValueError, match="resize must be one of"):
         OvsamConfig.from_dict(data)
+    data = load_config("ovsam-tiny").to_dict()
+    data["recognition"]["roi_box"] = "convex_hull"
+    with pytest.raises(ValueError, match="roi_box must be one of"):
+        OvsamConfig.from_dict(data)
 
 
 def test_random_init_is_reproducible_across_builds():

@@ -170,3 +170,29 @@ def test_import_ovsam_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_roi_box_rule_of_the_config_is_used(tiny_model, tiny_vocab, monkeypatch):
+    import dataclasses
+
+    from ovsam.modeling import recognition as R
+
+    seen = []
+    original = R.boxes_from_mask_logits
+
+    def spy(mask_logits, scale, rule="mask"):
+        seen.append(rule)
+        return original(mask_logits, scale, rule)
+
+    monkeypatch.setattr(R, "boxes_from_mask_logits", spy)
+    config = tiny_model.config
+    img = make_image(160, 200)
+    try:
+        tiny_model.config = dataclasses.replace(config, recognition=dataclasses.replace(
+            config.recognition, roi_box="largest_component"))
+        largest = predict_batch(tiny_model, [img], [{"box": BOXES}], tiny_vocab)[0]
+    finally:
+        tiny_model.config = config
+    published = predict_batch(tiny_model, [img], [{"box": BOXES}], tiny_vocab)[0]
+    assert seen == ["largest_component", "mask"]
+    np.testing.assert_array_equal(largest.low_res_logits, published.low_res_logits)
