@@ -43,7 +43,8 @@ def build_ovsam(
     """Build a model by name (see :func:`list_models`), JSON path, dict or config object.
 
     ``checkpoint`` may be the project's own single-file format (which carries its config, so ``name_or_config``
-    may then be omitted) or, for ``sam-*`` models, one of Meta's SAM checkpoints. Weights load strictly; missing or
+    may then be omitted; given a model name, the file's config wins, e.g. the recognition settings a training run
+    wrote; a dict, config object or JSON path of the same model overrides it) or, for ``sam-*`` models, one of Meta's SAM checkpoints. Weights load strictly; missing or
     unexpected keys and shape mismatches raise ``ValueError`` naming them. The model is returned in eval mode.
     """
     from . import checkpoint as ckpt
@@ -62,9 +63,11 @@ def build_ovsam(
         config = file_config
     else:
         config = load_config(name_or_config)
-        if file_config is not None and file_config.name != config.name:
-            logger.info("checkpoint %s holds model '%s'; building that instead of '%s'", checkpoint,
-                        file_config.name, config.name)
+        by_name = isinstance(name_or_config, str) and name_or_config in list_models()
+        if file_config is not None and (by_name or file_config.name != config.name):
+            if file_config.name != config.name:
+                logger.info("checkpoint %s holds model '%s'; building that instead of '%s'", checkpoint,
+                            file_config.name, config.name)
             config = file_config
     model: nn.Module = build_model(config)
     if checkpoint is not None:

@@ -220,6 +220,19 @@ def test_tiny_save_and_build_round_trip(tiny, tmp_path):
     _assert_same_state(back.state_dict(), tiny.state_dict())
 
 
+def test_the_files_config_wins_over_the_model_name(tiny, tmp_path):
+    import dataclasses
+
+    rec = dataclasses.replace(tiny.config.recognition, roi_box="largest_component", ensemble=False)
+    trained = build_ovsam(dataclasses.replace(tiny.config, recognition=rec))
+    trained.load_state_dict(tiny.state_dict())
+    path = save_checkpoint(trained, tmp_path / "trained.safetensors")
+    assert build_ovsam(checkpoint=path).config.recognition == rec
+    assert build_ovsam("ovsam-tiny", checkpoint=path).config.recognition == rec
+    # an explicit config of the same model overrides the file's
+    assert build_ovsam(tiny.config, checkpoint=path).config.recognition == tiny.config.recognition
+
+
 def test_export_released_layout(tiny, tmp_path):
     paths = export_released(tiny, tmp_path)
     assert {p.name for p in paths.values()} == {"sam2clip.pth", "clip2sam.pth"}
