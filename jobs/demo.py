@@ -13,7 +13,7 @@ Steps, all under ``--output``:
 
 * ``model/`` – unless ``--checkpoint`` or ``--no-train`` is given: ``ovsam pack synthetic`` writes train and
   held-out shard sets of coloured squares, circles and triangles (``model/data/``), ``ovsam train`` trains the
-  random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, ~3-5 min on 2
+  random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, ~7 min on 2
   cores; checkpoints in ``model/runs/``), evaluates the held-out set before and after, and writes
   ``model/ovsam-tiny-synthetic.safetensors`` with the vocabulary it was trained against
   (``model/ovsam-tiny-synthetic.synthetic.vocab.safetensors``) and ``model/summary.json``. A later demo reuses

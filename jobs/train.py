@@ -4,9 +4,9 @@ Launch:
 
     ovsam pack synthetic --output data/synth --kind mask --num-train 256 --num-heldout 48
     ovsam train --model ovsam-tiny --dataset synth=data/synth/train:mask:1 --heldout synth=data/synth/heldout \\
-        --steps 400 --batch-size 4 --num-prompts 10 --lr 3e-3 --warmup-steps 75 --schedule constant \\
-        --clip-grad-norm 0 --templates plain --num-workers 2 --eval-at-start --name synth-run \\
-        --storage-path runs/ --output synth.safetensors
+        --steps 800 --batch-size 4 --num-prompts 10 --lr 2e-3 --warmup-steps 75 --schedule cosine \\
+        --clip-grad-norm 0 --templates plain --unfreeze clip,neck --roi-box largest_component \\
+        --num-workers 2 --eval-at-start --name synth-run --storage-path runs/ --output synth.safetensors
     python -m jobs.train --model ovsam-rn50x16 --checkpoint distilled.safetensors \\
         --dataset in21k=s3://bucket/in21k/:image:4 --dataset v3det=s3://bucket/v3det/:box:2 \\
         --dataset o365=s3://bucket/o365/:box:1 --dataset lvis=s3://bucket/lvis/:mask:1 \\
@@ -34,12 +34,18 @@ Next to ``--output`` go the vocabularies the datasets were classified against
 Defaults are the published recipe (OVSAM_SPEC §4.3): AdamW at 1e-4 per 16 images (scaled to the total batch),
 gradient clip 0.01, multistep at 8/12 and 11/12 of the run, 40 prompts per image (21 box, 19 point), the VILD
 templates; only the warm-up is scaled (5% of the run, at most 500 steps) and the mask loss samples 1024 points
-(``--mask-points 12544`` is the published count, for 256x256 low-res masks). The random-init ``ovsam-tiny`` learns
-on synthetic data in minutes only with the short-run settings of the first example above: its mask decoder starts
-from random weights (the published one starts from SAM's) and sits on a plateau of all-background masks for a few
-hundred steps, which a 3e-3 learning rate after a 75-step warm-up leaves fastest in our runs; its random text tower
-gives near-parallel class embeddings with the 14 templates (cosine 0.94-0.997 between the 12 synthetic classes),
-far less so with the bare class name.
+(``--mask-points 12544`` is the published count, for 256x256 low-res masks). The random-init ``ovsam-tiny``
+learns on synthetic data in minutes only with the short-run settings of the first example above
+(``SYNTHETIC_RECIPE``). Its mask decoder starts from random weights (the published one starts from SAM's) and sits
+on a plateau of all-background masks for a few hundred steps, which a learning rate of a few 1e-3 after a 75-step
+warm-up leaves fastest in our runs. It has no pretrained CLIP and no neck distilled from SAM, so ``--unfreeze
+clip,neck`` trains them with the rest: the published head averages its RoI features over space and can only tell
+shapes apart if the trunk's channels encode shape, which a random trunk's do not. With the trunk trained, its image
+features no longer match the text tower, so the trained model classifies with the head alone (no frozen-CLIP
+ensemble). ``--roi-box largest_component`` classifies each mask on the box of its largest connected part: a stray
+positive pixel of a small model's mask otherwise stretches the RoI far past the object. The random text tower gives
+near-parallel class embeddings with the 14 templates (cosine 0.94-0.997 between the 12 synthetic classes), far less
+so with the bare class name (``--templates plain``).
 """
 
 from __future__ import annotations
@@ -68,10 +74,11 @@ PUBLISHED_BATCH = 16
 PUBLISHED_CLIP = 0.01
 DEFAULT_MASK_POINTS = 1024
 # The short-run recipe for the random-init ovsam-tiny on `ovsam pack synthetic` data (the first example above;
-# used by `make demo` and the tests), per worker on 2 workers.
-SYNTHETIC_RECIPE: dict[str, Any] = {"steps": 400, "batch_size": 4, "num_prompts": 10, "lr": 3e-3,
-                                    "warmup_steps": 75, "schedule": "constant", "clip_grad_norm": None,
-                                    "templates": "plain", "mask_points": 1024}
+# used by `make demo` and the tests), per worker on 2 workers; the module docstring says why each setting.
+SYNTHETIC_RECIPE: dict[str, Any] = {"steps": 800, "batch_size": 4, "num_prompts": 10, "lr": 2e-3,
+                                    "warmup_steps": 75, "schedule": "cosine", "clip_grad_norm": None,
+                                    "templates": "plain", "mask_points": 1024, "unfreeze": ("clip", "neck"),
+                                    "roi_box": "largest_component"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,8 @@ class TrainJobConfig:
     published_truncation: bool = False
     published_image_box: bool = False
     templates: str = "vild"
+    unfreeze: tuple[str, ...] = ()  # "clip" (the CLIP image trunk) and/or "neck": trained too
+    roi_box: str | None = None  # recognition.roi_box of the trained model (None: the model's own)
     checkpoint_every: int = 100
     eval_every: int = 0
     eval_at_start: bool = False
@@ -129,6 +138,12 @@ class TrainJobConfig:
             raise ValueError(f"num-workers must be >= 0 (0 = in this process), got {self.num_workers}")
         if self.templates not in ("vild", "plain") and "{}" not in self.templates:
             raise ValueError(f"--templates must be vild, plain or a template containing {{}}, got {self.templates!r}")
+        from ovsam.config import ROI_BOX_RULES
+        from ovsam.training import trainable_modules
+
+        trainable_modules(STAGE, self.unfreeze)
+        if self.roi_box is not None and self.roi_box not in ROI_BOX_RULES:
+            raise ValueError(f"--roi-box must be one of {', '.join(ROI_BOX_RULES)}, got {self.roi_box!r}")
         if not self.name or "/" in self.name:
             raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
 
@@ -141,6 +156,7 @@ class TrainJobConfig:
         data["datasets"] = tuple(DatasetSpec(**d) if isinstance(d, dict) else d for d in data["datasets"])
         data["heldout"] = tuple(tuple(h) for h in data.get("heldout", ()))
         data["scale_range"] = tuple(data.get("scale_range", (0.9, 2.0)))
+        data["unfreeze"] = tuple(data.get("unfreeze", ()))
         if data.get("fault_at") is not None:
             data["fault_at"] = tuple(data["fault_at"])
         return cls(**data)
@@ -162,7 +178,10 @@ class TrainJobConfig:
                 "warmup_steps", "schedule", "mask_points", "num_prompts", "scale_range", "min_area",
                 "published_truncation", "published_image_box", "templates", "seed")
         d = self.to_dict()
-        return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True, default=str).encode()).hexdigest()
+        hashed = {k: d[k] for k in keys}
+        if self.unfreeze:  # only when set, so runs started before the flag existed still resume
+            hashed["unfreeze"] = sorted(self.unfreeze)
+        return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,6 +221,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--templates", default="vild",
                    help="prompt templates of the class text embeddings: vild (the published 14, default), plain "
                         "(the bare class name), or one template containing {} (e.g. 'a photo of a {}.')")
+    p.add_argument("--unfreeze", default="", metavar="PARTS",
+                   help="also train these frozen parts, comma-separated: clip (the CLIP image trunk) and/or neck "
+                        "(SAM2CLIP). For a model with no pretrained CLIP and no SAM-distilled neck (a random-init "
+                        "ovsam-tiny on synthetic data); training the trunk turns the frozen-CLIP ensemble off in "
+                        "the trained model, as its image features no longer match the text tower")
+    p.add_argument("--roi-box", choices=("mask", "largest_component"), default=None,
+                   help="the RoI rule the trained model classifies masks on: mask (published: the box of every "
+                        "positive low-res pixel) or largest_component (the box of the mask's largest connected "
+                        "part); default: the model's own")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = at the end)")
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial weights")
@@ -248,6 +276,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         mask_points=args.mask_points, num_prompts=args.num_prompts, scale_range=tuple(args.scale_range),
         min_area=args.min_area, published_truncation=args.published_truncation,
         published_image_box=args.published_image_box, templates=args.templates,
+        unfreeze=tuple(t.strip() for t in args.unfreeze.split(",") if t.strip()), roi_box=args.roi_box,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
         eval_samples=args.eval_samples, report_every=args.report_every, loader_workers=args.loader_workers,
         seed=args.seed, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
@@ -271,6 +300,9 @@ def run_train(cfg: TrainJobConfig, *, output: str | None = None, export_released
     from jobs import trainer
     from jobs.train_loop import train_loop
 
+    if export_released and "clip" in cfg.unfreeze:
+        raise ValueError("the released layout (sam2clip.pth, clip2sam.pth) has no place for a trained CLIP trunk "
+                         "(--unfreeze clip); drop --export-released: the --output file holds the whole model")
     tcfg = trainer_config(cfg)
     start = time.time()
     if cfg.num_workers == 0:

@@ -2,10 +2,11 @@
 Train worker, or in one process by ``jobs.trainer.run_local``.
 
 It reads top to bottom: build the model and freeze all but the FPN and the mask decoder (with its label token and
-``roi_conv``), load or build each dataset's vocabulary, restore the newest checkpoint, then per step: the mixture
-picks a dataset (the same on every rank), a batch of that dataset only, CLIP2SAM losses, gradients averaged over
-workers, clip, AdamW and scheduler step, metrics; every ``checkpoint_every`` steps a checkpoint (``state.pt`` +
-``model.safetensors``), every ``eval_every`` steps and at the end the held-out evaluation.
+``roi_conv``; ``--unfreeze`` adds the CLIP trunk and/or the neck), load or build each dataset's vocabulary, restore
+the newest checkpoint, then per step: the mixture picks a dataset (the same on every rank), a batch of that dataset
+only, CLIP2SAM losses, gradients averaged over workers, clip, AdamW and scheduler step, metrics; every
+``checkpoint_every`` steps a checkpoint (``state.pt`` + ``model.safetensors``), every ``eval_every`` steps and at the
+end the held-out evaluation.
 """
 
 from __future__ import annotations
@@ -152,10 +153,24 @@ def _optim_config(cfg: TrainJobConfig):
                                clip_grad_norm=cfg.clip_grad_norm, warmup_steps=warmup, schedule=cfg.schedule)
 
 
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    from ovsam.training import TRAINABLE
+def adapt_model_config(model: Any, cfg: TrainJobConfig) -> None:
+    """The trained model's recognition settings: ``--roi-box``, and no frozen-CLIP ensemble once the CLIP trunk
+    trains (its features drift away from the text tower's, so the CLIP branch would score noise)."""
+    rec = model.config.recognition
+    changes: dict[str, Any] = {}
+    if cfg.roi_box is not None and cfg.roi_box != rec.roi_box:
+        changes["roi_box"] = cfg.roi_box
+    if "clip" in cfg.unfreeze and rec.ensemble:
+        changes["ensemble"] = False
+        logger.info("the CLIP trunk trains: the trained model classifies with the head alone (no CLIP ensemble)")
+    if changes:
+        model.config = dataclasses.replace(model.config, recognition=dataclasses.replace(rec, **changes))
 
-    prefixes = tuple(f"{m}." for m in TRAINABLE[STAGE])
+
+def _trainable_state(model: Any, unfreeze: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    from ovsam.training import trainable_modules
+
+    prefixes = tuple(f"{m}." for m in trainable_modules(STAGE, unfreeze))
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
@@ -171,7 +186,8 @@ def train_loop(config: dict) -> None:
     model = build_ovsam(cfg.model, checkpoint=cfg.checkpoint)
     if not hasattr(model, "fpn_neck"):
         raise ValueError(f"model {cfg.model!r} is not an OV-SAM model; CLIP2SAM training needs an ovsam-* model")
-    params = set_trainable(model, STAGE)
+    adapt_model_config(model, cfg)
+    params = set_trainable(model, STAGE, cfg.unfreeze)
     optim_cfg = _optim_config(cfg)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, optim_cfg)
@@ -229,7 +245,7 @@ def train_loop(config: dict) -> None:
     loader = TD.MixtureLoader(streams, sampler, cfg.batch_size, num_workers=cfg.loader_workers)
 
     def checkpoint_state() -> dict:
-        return {"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+        return {"trainable": _trainable_state(model, cfg.unfreeze), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "samples": samples_seen, "counts": dict(counts),
                 "training_hash": cfg.training_hash(), "world_size": world}
 
@@ -238,7 +254,7 @@ def train_loop(config: dict) -> None:
     metrics: dict[str, float] = {}
     if cfg.eval_at_start and heldout and step == 0:
         metrics.update(evaluate_heldout(model, heldout, cfg, "initial/"))
-    train_mode(model, STAGE)
+    train_mode(model, STAGE, cfg.unfreeze)
     window: dict[str, list[float]] = {}
     window_start, window_samples = time.time(), 0
     while step < cfg.steps:
@@ -285,7 +301,7 @@ def train_loop(config: dict) -> None:
         metrics.update({f"batches/{k}": v for k, v in counts.items()})
         if do_eval:
             metrics.update(evaluate_heldout(model, heldout, cfg, "eval/"))
-            train_mode(model, STAGE)
+            train_mode(model, STAGE, cfg.unfreeze)
         trainer.report(dict(metrics), state=checkpoint_state() if do_ckpt else None,
                        files=files if do_ckpt else None)
         window, window_start, window_samples = {}, time.time(), 0

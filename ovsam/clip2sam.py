@@ -1,7 +1,8 @@
 """One CLIP2SAM training step's forward pass and losses (OVSAM_SPEC §4.3), on batches from
 ``pipeline.train_data`` (any object with the :class:`~pipeline.train_data.TrainSample` fields works).
 
-- The CLIP trunk, the SAM2CLIP neck and the prompt encoder are frozen and run without gradient.
+- The CLIP trunk, the SAM2CLIP neck and the prompt encoder are frozen and run without gradient, unless the trunk
+  or the neck was unfrozen (``ovsam.training.UNFREEZABLE``): then the losses reach them too.
 - Classification: RoIAlign on the (trainable) FPN with the **GT boxes** of every prompt, ``roi_conv``, cosine
   logits against the dataset's text embeddings, :func:`~ovsam.losses.classification_loss`. The label token's
   output does not reach the logits in the published model (OVSAM_SPEC §6.1), so for box- and image-level batches,
@@ -34,6 +35,10 @@ class LossConfig:
     importance_sample_ratio: float = 0.75
     bce_weight: float = 5.0
     dice_weight: float = 5.0
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 def batch_inputs(model: OvsamModel, batch: Sequence[Any]) -> torch.Tensor:
@@ -88,7 +93,7 @@ def clip2sam_losses(model: OvsamModel, batch: Sequence[Any], text: torch.Tensor 
     kind = kinds.pop()
     dev = model.device
     x = batch_inputs(model, batch)
-    with torch.no_grad():
+    with torch.set_grad_enabled(_trains(model.backbone)):
         clip_feats = model.backbone(x)
     fpn_feats = model.fpn_neck(clip_feats)
     image_index = torch.cat([torch.full((len(s.labels),), i, dtype=torch.long) for i, s in enumerate(batch)]).to(dev)
@@ -110,7 +115,7 @@ def clip2sam_losses(model: OvsamModel, batch: Sequence[Any], text: torch.Tensor 
     else:
         losses["loss_cls"] = sum(f.sum() for f in fpn_feats) * 0.0
     if kind == "mask":
-        with torch.no_grad():
+        with torch.set_grad_enabled(_trains(model.neck)):
             image_embeddings = model.neck(clip_feats)
         features = OvsamImageFeatures(image_embeddings, clip_feats, fpn_feats)
         points = torch.cat([s.points for s in batch]).to(dev)

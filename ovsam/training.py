@@ -3,6 +3,10 @@
 Stage ``sam2clip`` (distillation) trains the SAM2CLIP neck; stage ``clip2sam`` trains the FPN and the mask
 decoder with its label token, label MLP and ``roi_conv``. Everything else (the CLIP towers, the prompt encoder,
 and the neck in ``clip2sam``) is frozen and kept in eval mode.
+
+``clip2sam`` can also train the CLIP image trunk and the neck (``UNFREEZABLE``). The published recipe starts from a
+pretrained CLIP and a neck distilled from SAM; a model with neither (a random-init ``ovsam-tiny`` on a synthetic
+world) has to learn its features somewhere, and these make it learn them from the CLIP2SAM losses.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from torch import nn
 
 Stage = Literal["sam2clip", "clip2sam"]
 TRAINABLE: dict[str, tuple[str, ...]] = {"sam2clip": ("neck",), "clip2sam": ("fpn_neck", "mask_decoder")}
+# The modules `ovsam train --unfreeze` may add to a stage's trainable set, by their flag name.
+UNFREEZABLE: dict[str, dict[str, str]] = {"sam2clip": {}, "clip2sam": {"clip": "backbone", "neck": "neck"}}
 # mmengine's norm_decay_mult applies to torch's own norm classes only, so LayerNorm2d (SAM's, inside the neck)
 # is decayed like any other weight in the published runs.
 NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -27,25 +33,38 @@ def _check_stage(stage: str) -> None:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {', '.join(TRAINABLE)}")
 
 
-def set_trainable(model: nn.Module, stage: Stage) -> list[nn.Parameter]:
-    """Freeze everything but the stage's modules (``TRAINABLE``); returns the trainable parameters.
+def trainable_modules(stage: Stage, unfreeze: Iterable[str] = ()) -> tuple[str, ...]:
+    """The model attributes trained in ``stage``: ``TRAINABLE[stage]`` plus the ``UNFREEZABLE`` ones named."""
+    _check_stage(stage)
+    extra = []
+    for flag in unfreeze:
+        if flag not in UNFREEZABLE[stage]:
+            allowed = ", ".join(UNFREEZABLE[stage]) or "nothing"
+            raise ValueError(f"stage {stage} cannot unfreeze {flag!r}; it can unfreeze {allowed}")
+        extra.append(UNFREEZABLE[stage][flag])
+    return TRAINABLE[stage] + tuple(m for m in dict.fromkeys(extra) if m not in TRAINABLE[stage])
+
+
+def set_trainable(model: nn.Module, stage: Stage, unfreeze: Iterable[str] = ()) -> list[nn.Parameter]:
+    """Freeze everything but the stage's modules (:func:`trainable_modules`); returns the trainable parameters.
 
     Frozen modules are put in eval mode by :func:`train_mode`; call it instead of ``model.train()``."""
-    _check_stage(stage)
+    names = trainable_modules(stage, unfreeze)
     model.requires_grad_(False)
     params: list[nn.Parameter] = []
-    for name in TRAINABLE[stage]:
+    for name in names:
         module = getattr(model, name)
+        if hasattr(module, "unfreeze"):
+            module.unfreeze()
         module.requires_grad_(True)
         params.extend(module.parameters())
     return params
 
 
-def train_mode(model: nn.Module, stage: Stage) -> nn.Module:
+def train_mode(model: nn.Module, stage: Stage, unfreeze: Iterable[str] = ()) -> nn.Module:
     """``model.eval()`` with only the stage's trainable modules in train mode."""
-    _check_stage(stage)
     model.eval()
-    for name in TRAINABLE[stage]:
+    for name in trainable_modules(stage, unfreeze):
         getattr(model, name).train()
     return model
 

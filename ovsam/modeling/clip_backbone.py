@@ -42,8 +42,10 @@ def create_clip(cfg: ClipConfig, pretrained: str | None = None) -> nn.Module:
 class ClipBackbone(nn.Module):
     """The frozen CLIP image trunk, returning the four stage outputs (strides 4, 8, 16, 32).
 
-    Works with open_clip's ``ModifiedResNet`` (OpenAI RN models) and ``TimmModel`` ConvNeXt towers. Always in eval
-    mode (BatchNorm uses running statistics) with ``requires_grad=False``; calling ``.train()`` leaves it in eval.
+    Works with open_clip's ``ModifiedResNet`` (OpenAI RN models) and ``TimmModel`` ConvNeXt towers. Frozen: in eval
+    mode (BatchNorm uses running statistics) with ``requires_grad=False``, and ``.train()`` leaves it in eval. Only
+    :meth:`unfreeze` (training a model that has no pretrained CLIP, ``ovsam train --unfreeze clip``) makes it
+    trainable like any module.
     """
 
     def __init__(self, visual: nn.Module, roi_size: int) -> None:
@@ -57,16 +59,26 @@ class ClipBackbone(nn.Module):
             side = int(round((visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5))
             if side != roi_size:
                 raise ValueError(f"CLIP roi_size {roi_size} does not match the attention pool grid {side}x{side}")
+        self.frozen = True
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "ClipBackbone":
-        return super().train(False)
+    def unfreeze(self) -> "ClipBackbone":
+        """Make the trunk trainable: gradients flow through :meth:`forward` and ``.train()`` takes effect."""
+        self.frozen = False
+        self.requires_grad_(True)
+        return self
 
-    @torch.no_grad()
+    def train(self, mode: bool = True) -> "ClipBackbone":
+        return super().train(mode and not self.frozen)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x`` is ``[B, 3, S, S]`` normalised input; returns ``[C2, C3, C4, C5]`` at strides 4/8/16/32."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self._stages(x)
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         v = self.visual
         if self.is_resnet:
             x = v.act1(v.bn1(v.conv1(x)))

@@ -81,3 +81,56 @@ def test_gradient_clipping_bounds_the_global_norm():
     assert clip_gradients([a, b], 0.01) == pytest.approx(5.0)
     assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(0.01, rel=1e-4)
     assert clip_gradients([a, b], None) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_unfreeze_adds_the_clip_trunk_and_the_neck():
+    from ovsam.clip2sam import clip2sam_losses
+    from ovsam.training import trainable_modules
+
+    model = ovsam.build_ovsam("ovsam-tiny")
+    assert trainable_modules("clip2sam", ["neck", "clip", "neck"]) == ("fpn_neck", "mask_decoder", "neck", "backbone")
+    with pytest.raises(ValueError, match="cannot unfreeze 'text'"):
+        trainable_modules("clip2sam", ["text"])
+    with pytest.raises(ValueError, match="cannot unfreeze 'clip'"):
+        trainable_modules("sam2clip", ["clip"])
+    # frozen by default: no gradient through the trunk, .train() leaves its BatchNorm in eval
+    batch = _mask_batch(model)
+    set_trainable(model, "clip2sam")
+    train_mode(model, "clip2sam")
+    assert not model.backbone.training
+    losses, _ = clip2sam_losses(model, batch, text=torch.randn(3, 1, model.text_dim))
+    losses["loss"].backward()
+    assert all(p.grad is None for p in model.backbone.parameters()) and all(p.grad is None for p in model.neck.parameters())
+    params = set_trainable(model, "clip2sam", ["clip", "neck"])
+    train_mode(model, "clip2sam", ["clip", "neck"])
+    ids = {id(p) for p in params}
+    for name, p in model.named_parameters():
+        trains = name.startswith(("fpn_neck.", "mask_decoder.", "neck.", "backbone."))
+        assert p.requires_grad == trains and (id(p) in ids) == trains, name
+    assert model.backbone.training and model.neck.training and not model.text.training
+    bn = model.backbone.visual.bn1
+    before = bn.running_mean.clone()
+    losses, _ = clip2sam_losses(model, batch, text=torch.randn(3, 1, model.text_dim))
+    losses["loss"].backward()
+    assert not torch.equal(bn.running_mean, before)  # BatchNorm in train mode updates its statistics
+    assert model.backbone.visual.conv1.weight.grad.abs().sum() > 0  # the stem; residual bn3 weights start at 0
+    assert sum(int(p.grad is not None and bool(p.grad.abs().sum() > 0)) for p in model.neck.parameters()) > 10
+    assert all(p.grad is None for p in model.text.parameters())
+
+
+def _mask_batch(model):
+    from pipeline.train_data import TrainSample
+
+    g = torch.Generator().manual_seed(0)
+    s = model.image_size
+    out = []
+    for i in range(2):
+        masks = torch.zeros(2, s, s, dtype=torch.bool)
+        masks[0, 16:80, 24:120] = True
+        masks[1, 120:240, 40:160] = True
+        out.append(TrainSample(dataset="d", key=str(i), kind="mask",
+                               image=torch.randint(0, 256, (3, s, s), generator=g, dtype=torch.uint8),
+                               input_hw=(s, s - 32 * i), boxes=torch.tensor([[24.0, 16, 120, 80], [40, 120, 160, 240]]),
+                               points=torch.tensor([[60.0, 40], [100, 180]]), is_point=torch.tensor([False, True]),
+                               labels=torch.tensor([0, 2]), masks=masks))
+    return out
