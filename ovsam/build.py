@@ -44,8 +44,9 @@ def build_ovsam(
 
     ``checkpoint`` may be the project's own single-file format (which carries its config, so ``name_or_config``
     may then be omitted; given a model name, the file's config wins, e.g. the recognition settings a training run
-    wrote; a dict, config object or JSON path of the same model overrides it) or, for ``sam-*`` models, one of Meta's SAM checkpoints. Weights load strictly; missing or
-    unexpected keys and shape mismatches raise ``ValueError`` naming them. The model is returned in eval mode.
+    wrote; a dict, config object or JSON path of the same model overrides it) or, for ``sam-*`` models, one of
+    Meta's SAM checkpoints. Weights load strictly; missing or unexpected keys and shape mismatches raise
+    ``ValueError`` naming them. The model is returned in eval mode.
     """
     from . import checkpoint as ckpt
 

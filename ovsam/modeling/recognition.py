@@ -29,8 +29,8 @@ def boxes_from_mask_logits(mask_logits: torch.Tensor, scale: float, rule: str = 
 
 
 def largest_components(masks: torch.Tensor) -> torch.Tensor:
-    """Each boolean mask of ``[N, h, w]`` reduced to its largest 8-connected component (ties: the one whose first pixel
-    comes first in raster order); empty masks stay empty. Labelled with OpenCV on the CPU."""
+    """Each boolean mask of ``[N, h, w]`` reduced to its largest 8-connected component (ties: the one whose first
+    pixel comes first in raster order); empty masks stay empty. Labelled with OpenCV on the CPU."""
     import cv2
     import numpy as np
 

@@ -108,12 +108,14 @@ def _close(a: dict, b: dict, keys: list[str], tol: float) -> None:
 
 
 # The interruption tests continue training the reference model for a short run, so their metrics are at a trained
-# level, and compare an interrupted run with an uninterrupted one of the same settings. They keep the trunk and the
-# neck frozen: a trunk trained with BatchNorm in train mode moves the labels by ~0.1 within 40 steps, more than
-# the tolerance (test_unfrozen_state_round_trips covers what a resume restores for unfrozen parts).
+# level, and compare an interrupted run with an uninterrupted one of the same settings. A resumed run draws other
+# samples after the restart than the uninterrupted one, and the reference model's labels are fragile: 40 steps at
+# lr 1e-4 moved held-out top-1 between 0.39 and 0.57 depending on the draw (mask IoU within 0.01), so the
+# continuation runs at 1e-5. They keep the trunk and the neck frozen, as the command line of _train_cmd does
+# (test_unfrozen_state_round_trips covers what a resume restores for unfrozen parts).
 FT_STEPS = 40
 FT_EVERY = 10
-FT_ARGS = {"steps": FT_STEPS, "batch_size": 4, "num_prompts": 10, "lr": 1e-4, "warmup_steps": 1,
+FT_ARGS = {"steps": FT_STEPS, "batch_size": 4, "num_prompts": 10, "lr": 1e-5, "warmup_steps": 1,
            "schedule": "constant", "clip_grad_norm": 0.0, "checkpoint_every": FT_EVERY, "eval_samples": 48,
            "report_every": 10, "templates": "plain", "mask_points": 1024}
 FINAL_KEYS = ["eval/synthetic/box/miou", "eval/synthetic/point/miou", "eval/synthetic/box/acc",
