@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ModelConfig, SamConfig, list_models, load_config
 from .modeling import OvsamModel, SamModel
-from .modeling.clip_backbone import create_clip, get_tokenizer
+from .modeling.clip_backbone import calibrate_random_trunk, create_clip, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ def build_model(config: ModelConfig, seed: int = 0) -> Model:
         if isinstance(config, SamConfig):
             return SamModel(config).eval()
         clip = create_clip(config.clip)
+        if config.clip.random_init == "calibrated":
+            calibrate_random_trunk(clip.visual, seed)
         model = OvsamModel(config, clip, get_tokenizer(config.clip))
         model.fpn_neck.init_weights()
         model.mask_decoder.init_roi_conv()

@@ -48,13 +48,19 @@ def _from_dict(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+RANDOM_INITS = ("open_clip", "calibrated")
+
+
 @dataclass(frozen=True)
 class ClipConfig:
     """The CLIP model whose visual trunk (frozen) and text tower (for vocabularies) OV-SAM uses.
 
     ``name`` is an open_clip model name (``RN50x16-quickgelu``). ``model_cfg`` replaces the registered
     architecture with an inline open_clip config (tiny test models). ``pretrained`` is the open_clip tag the
-    published weights come from; building never downloads, conversion tools use it.
+    published weights come from; building never downloads, conversion tools use it. ``random_init`` is how a
+    model built without weights initialises its (frozen) visual trunk: ``open_clip`` as open_clip does for training
+    from scratch, or ``calibrated`` (see :func:`ovsam.modeling.clip_backbone.calibrate_random_trunk`), which gives
+    a random trunk's stages unit-scale, image-dependent outputs. Loaded weights replace either.
     """
 
     name: str
@@ -62,6 +68,12 @@ class ClipConfig:
     roi_size: int
     pretrained: str | None = None
     model_cfg: Mapping[str, Any] | None = None
+    random_init: str = "open_clip"
+
+    def __post_init__(self) -> None:
+        if self.random_init not in RANDOM_INITS:
+            raise ValueError(f"CLIP '{self.name}': unknown random_init {self.random_init!r}; expected one of "
+                             f"{', '.join(RANDOM_INITS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +82,7 @@ class ClipConfig:
             "roi_size": self.roi_size,
             "pretrained": self.pretrained,
             "model_cfg": None if self.model_cfg is None else json.loads(json.dumps(self.model_cfg)),
+            "random_init": self.random_init,
         }
 
 

@@ -39,6 +39,68 @@ def create_clip(cfg: ClipConfig, pretrained: str | None = None) -> nn.Module:
     return open_clip.CLIP(**model_cfg)
 
 
+CALIBRATION_BATCH = (8, 3, 128, 128)
+
+
+@torch.no_grad()
+def calibrate_random_trunk(visual: nn.Module, seed: int = 0) -> None:
+    """Make a randomly initialised visual trunk a usable frozen feature extractor (``random_init: calibrated``).
+
+    open_clip initialises a ``ModifiedResNet`` for training from scratch: the last BatchNorm of every residual
+    branch has weight 0 and all running statistics are the identity, so the frozen stages' outputs are tiny
+    (std ~1e-2 at stride 4 down to ~1e-3 at stride 32) and hardly depend on the image. Here every residual branch's
+    last BatchNorm weight is set to 1, and every BatchNorm's running statistics are set to the exact statistics of
+    a seeded batch of smooth random images (one forward pass in train mode, cumulative averaging), as data-dependent
+    initialisation does. The result is deterministic for a given ``seed`` (whatever the thread count) and does not
+    touch the global RNG.
+    """
+    norms = [m for m in visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    first = next(visual.parameters(), None)
+    if not norms or first is None or first.is_meta:
+        return
+    for name, module in visual.named_modules():
+        if name.startswith("layer") and hasattr(module, "bn3") and isinstance(module.bn3, nn.BatchNorm2d):
+            module.bn3.weight.fill_(1.0)
+    generator = torch.Generator().manual_seed(seed)
+    b, c, h, w = CALIBRATION_BATCH
+    coarse = torch.randn(b, c, h // 16, w // 16, generator=generator, dtype=torch.float64)
+    x = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    x = (x + 0.25 * torch.randn(b, c, h, w, generator=generator, dtype=torch.float64)).to(first.device)
+    momenta = [m.momentum for m in norms]
+    was_training, dtype = visual.training, first.dtype
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    # in float64, so that the statistics rounded to the trunk's dtype do not depend on how many threads summed them
+    visual.double().train()
+    try:
+        backbone_forward(visual, x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        visual.to(dtype).train(was_training)
+
+
+def backbone_forward(visual: nn.Module, x: torch.Tensor, num_stages: int = 4) -> list[torch.Tensor]:
+    """The stage outputs ``[C2, C3, C4, C5]`` (strides 4/8/16/32) of a ``ModifiedResNet`` or a timm ConvNeXt trunk
+    for normalised input ``x``; only the first ``num_stages`` stages run."""
+    if hasattr(visual, "attnpool"):
+        v = visual
+        x = v.act1(v.bn1(v.conv1(x)))
+        x = v.act2(v.bn2(v.conv2(x)))
+        x = v.act3(v.bn3(v.conv3(x)))
+        stages = [v.layer1, v.layer2, v.layer3, v.layer4]
+        x = v.avgpool(x)
+    else:
+        stages = list(visual.trunk.stages)
+        x = visual.trunk.stem(x)
+    feats = []
+    for stage in stages[:num_stages]:
+        x = stage(x)
+        feats.append(x)
+    return feats
+
+
 class ClipBackbone(nn.Module):
     """The frozen CLIP image trunk, returning the four stage outputs (strides 4, 8, 16, 32).
 
@@ -70,33 +132,21 @@ class ClipBackbone(nn.Module):
         self.requires_grad_(True)
         return self
 
+    def freeze(self) -> "ClipBackbone":
+        """Undo :meth:`unfreeze`: no gradients, eval mode (BatchNorm on its running statistics)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        super().train(False)
+        return self
+
     def train(self, mode: bool = True) -> "ClipBackbone":
         return super().train(mode and not self.frozen)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x`` is ``[B, 3, S, S]`` normalised input; returns ``[C2, C3, C4, C5]`` at strides 4/8/16/32."""
+    def forward(self, x: torch.Tensor, num_stages: int = 4) -> list[torch.Tensor]:
+        """``x`` is ``[B, 3, S, S]`` normalised input; returns ``[C2, C3, C4, C5]`` at strides 4/8/16/32 (the first
+        ``num_stages`` of them: the later stages are not run)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self._stages(x)
-
-    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        v = self.visual
-        if self.is_resnet:
-            x = v.act1(v.bn1(v.conv1(x)))
-            x = v.act2(v.bn2(v.conv2(x)))
-            x = v.act3(v.bn3(v.conv3(x)))
-            x = v.avgpool(x)
-            c2 = v.layer1(x)
-            c3 = v.layer2(c2)
-            c4 = v.layer3(c3)
-            c5 = v.layer4(c4)
-            return [c2, c3, c4, c5]
-        trunk = v.trunk
-        x = trunk.stem(x)
-        feats = []
-        for stage in trunk.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
+            return backbone_forward(self.visual, x, num_stages)
 
     @torch.no_grad()
     def box_embeddings(self, c5: torch.Tensor, rois: torch.Tensor, stride: int = 32) -> torch.Tensor:

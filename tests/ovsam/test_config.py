@@ -116,3 +116,48 @@ def test_random_init_is_reproducible_across_builds():
     torch.manual_seed(123)
     b = build_ovsam("ovsam-tiny").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _with_random_init(name, random_init):
+    data = load_config(name).to_dict()
+    data["clip"]["random_init"] = random_init
+    return OvsamConfig.from_dict(data)
+
+
+def _smooth_images(n, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, size // 32, size // 32, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def test_calibrated_random_trunk_gives_unit_scale_image_dependent_features():
+    """open_clip's from-scratch init leaves a frozen random ResNet trunk nearly silent (zero last-BN weights,
+    identity statistics); ``random_init: calibrated`` gives every stage unit-scale outputs that the neck passes on."""
+    x = _smooth_images(4, 256, seed=5)
+    spread = {}
+    for random_init in ("open_clip", "calibrated"):
+        state = torch.random.get_rng_state()
+        model = build_model(_with_random_init("ovsam-tiny", random_init))
+        assert torch.equal(torch.random.get_rng_state(), state)
+        feats = model.backbone(x)
+        stds = [float(f.std()) for f in feats]
+        with torch.no_grad():
+            emb = model.neck(feats)
+        spread[random_init] = float(emb.std(0).mean() / emb.std())
+        if random_init == "calibrated":
+            assert all(0.3 < s < 10 for s in stds), stds
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1 if threads > 1 else 2)  # e.g. a Ray worker's one thread against a driver's two
+            try:
+                again = build_model(_with_random_init("ovsam-tiny", random_init)).state_dict()
+            finally:
+                torch.set_num_threads(threads)
+            assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items())
+        else:
+            assert all(s < 0.05 for s in stds), stds
+    assert spread["open_clip"] < 0.01 < 0.1 < spread["calibrated"], spread
+
+
+def test_unknown_random_init_is_refused():
+    with pytest.raises(ValueError, match="unknown random_init"):
+        _with_random_init("ovsam-tiny", "xavier")
