@@ -13,7 +13,7 @@ Steps, all under ``--output``:
 
 * ``model/`` – unless ``--checkpoint`` or ``--no-train`` is given: ``ovsam pack synthetic`` writes train and
   held-out shard sets of coloured squares, circles and triangles (``model/data/``), ``ovsam train`` trains the
-  random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, ~7 min on 2
+  random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, ~12 min on 2
   cores; checkpoints in ``model/runs/``), evaluates the held-out set before and after, and writes
   ``model/ovsam-tiny-synthetic.safetensors`` with the vocabulary it was trained against
   (``model/ovsam-tiny-synthetic.synthetic.vocab.safetensors``) and ``model/summary.json``. A later demo reuses
@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-train", action="store_true",
                         help="annotate with the model as built (random init for ovsam-tiny) instead of training it")
     parser.add_argument("--train-steps", type=int, default=None,
-                        help="training steps for the demo model (default: the synthetic recipe's)")
+                        help="CLIP2SAM training steps for the demo model (default: the synthetic recipe's)")
+    parser.add_argument("--trunk-warmup", type=int, default=None,
+                        help="trunk warm-up steps before them (default: the synthetic recipe's; 0 for none)")
     parser.add_argument("--train-workers", type=int, default=2, help="Ray Train workers (default: 2)")
 
 
@@ -63,7 +65,8 @@ TRAIN_SCENES = 256
 HELDOUT_SCENES = 48
 
 
-def train_demo_model(out: Path, steps: int | None, workers: int) -> tuple[Path, Path]:
+def train_demo_model(out: Path, steps: int | None, workers: int,
+                     trunk_warmup: int | None = None) -> tuple[Path, Path]:
     """Train ``ovsam-tiny`` on synthetic shard sets under ``out`` (or reuse a finished run); returns the model file
     and the vocabulary ``ovsam train`` wrote beside it (the one the model was trained and evaluated against).
 
@@ -77,6 +80,10 @@ def train_demo_model(out: Path, steps: int | None, workers: int) -> tuple[Path, 
         if steps < 1:
             raise ValueError(f"--train-steps must be at least 1, got {steps}")
         recipe["steps"] = steps
+    if trunk_warmup is not None:
+        if trunk_warmup < 0:
+            raise ValueError(f"--trunk-warmup must be at least 0, got {trunk_warmup}")
+        recipe["trunk_warmup"] = trunk_warmup
     data = out / "data" / "synthetic"
     cfg = TrainJobConfig(datasets=(DatasetSpec("synthetic", str(data / "train"), "mask", 1.0),),
                          heldout=(("synthetic", str(data / "heldout")),), name="synthetic",
@@ -94,8 +101,9 @@ def train_demo_model(out: Path, steps: int | None, workers: int) -> tuple[Path, 
           f"to {data}")
     pack_synthetic(str(data), kind="mask", num_train=TRAIN_SCENES, num_heldout=HELDOUT_SCENES,
                    samples_per_shard=32)
-    print(f"ovsam demo: training ovsam-tiny for {cfg.steps} steps on {workers} Ray Train workers "
-          f"(checkpoints in {out / 'runs'}; a few minutes on 2 cores)")
+    warmup = f"{cfg.trunk_warmup} trunk warm-up steps and " if cfg.trunk_warmup else ""
+    print(f"ovsam demo: training ovsam-tiny for {warmup}{cfg.steps} steps on {workers} Ray Train workers "
+          f"(checkpoints in {out / 'runs'}; ~12 min on 2 cores with the default steps)")
     metrics = run_train(cfg, output=str(model_file))
     summary = {"training_hash": cfg.training_hash(), **{k: v for k, v in metrics.items()
                                                          if isinstance(v, (int, float, str))}}
@@ -139,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         checkpoint = args.checkpoint
         if train:
-            checkpoint, vocabulary = train_demo_model(out / "model", args.train_steps, args.train_workers)
+            checkpoint, vocabulary = train_demo_model(out / "model", args.train_steps, args.train_workers,
+                                                      args.trunk_warmup)
         stage = ModelStageConfig(model=args.model, checkpoint=None if checkpoint is None else str(checkpoint),
                                  vocabulary=str(vocabulary), prompts="sidecar", top_k=3)
         config = AnnotateConfig(inputs=(str(out / "shards" / f"shard-{{000000..{len(shards) - 1:06d}}}.tar"),),

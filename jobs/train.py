@@ -4,8 +4,8 @@ Launch:
 
     ovsam pack synthetic --output data/synth --kind mask --num-train 256 --num-heldout 48
     ovsam train --model ovsam-tiny --dataset synth=data/synth/train:mask:1 --heldout synth=data/synth/heldout \\
-        --steps 800 --batch-size 4 --num-prompts 10 --lr 2e-3 --warmup-steps 75 --schedule cosine \\
-        --clip-grad-norm 0 --templates plain --unfreeze clip,neck --roi-box largest_component \\
+        --trunk-warmup 1200 --steps 800 --batch-size 4 --num-prompts 10 --lr 2e-3 --warmup-steps 75 \\
+        --schedule cosine --clip-grad-norm 0 --templates plain --unfreeze clip,neck --roi-box largest_component \\
         --num-workers 2 --eval-at-start --name synth-run --storage-path runs/ --output synth.safetensors
     python -m jobs.train --model ovsam-rn50x16 --checkpoint distilled.safetensors \\
         --dataset in21k=s3://bucket/in21k/:image:4 --dataset v3det=s3://bucket/v3det/:box:2 \\
@@ -34,18 +34,22 @@ Next to ``--output`` go the vocabularies the datasets were classified against
 Defaults are the published recipe (OVSAM_SPEC §4.3): AdamW at 1e-4 per 16 images (scaled to the total batch),
 gradient clip 0.01, multistep at 8/12 and 11/12 of the run, 40 prompts per image (21 box, 19 point), the VILD
 templates; only the warm-up is scaled (5% of the run, at most 500 steps) and the mask loss samples 1024 points
-(``--mask-points 12544`` is the published count, for 256x256 low-res masks). The random-init ``ovsam-tiny``
-learns on synthetic data in minutes only with the short-run settings of the first example above
-(``SYNTHETIC_RECIPE``). Its mask decoder starts from random weights (the published one starts from SAM's) and sits
-on a plateau of all-background masks for a few hundred steps, which a learning rate of a few 1e-3 after a 75-step
-warm-up leaves fastest in our runs. It has no pretrained CLIP and no neck distilled from SAM, so ``--unfreeze
-clip,neck`` trains them with the rest: the published head averages its RoI features over space and can only tell
-shapes apart if the trunk's channels encode shape, which a random trunk's do not. With the trunk trained, its image
-features no longer match the text tower, so the trained model classifies with the head alone (no frozen-CLIP
-ensemble). ``--roi-box largest_component`` classifies each mask on the box of its largest connected part: a stray
-positive pixel of a small model's mask otherwise stretches the RoI far past the object. The random text tower gives
-near-parallel class embeddings with the 14 templates (cosine 0.94-0.997 between the 12 synthetic classes), far less
-so with the bare class name (``--templates plain``).
+(``--mask-points 12544`` is the published count, for 256x256 low-res masks). The random-init ``ovsam-tiny`` learns
+on synthetic data in minutes only with the short-run settings of the first example above (``SYNTHETIC_RECIPE``). Its
+mask decoder starts from random weights (the published one starts from SAM's) and sits on a plateau of
+all-background masks for a few hundred steps, which a learning rate of a few 1e-3 after a 75-step warm-up leaves
+fastest in our runs. It has no pretrained CLIP and no neck distilled from SAM, so ``--unfreeze clip,neck`` trains
+them with the rest: the published head averages its RoI features over space and can only tell shapes apart if the
+trunk's channels encode shape, which a random trunk's do not. The CLIP2SAM losses teach the trunk shape slowly (box
+top-1 0.57 after 800 steps), so ``--trunk-warmup 1200`` first trains the trunk alone on region classification
+(RoIAlign on its stride-16 stage, spatial mean, a linear classifier per dataset that is dropped afterwards); that
+works from ``ovsam-tiny``'s calibrated random trunk (``random_init: calibrated``) and not from open_clip's
+from-scratch init, whose residual branches start at zero (box top-1 0.53 with the same warm-up). With the trunk
+trained, its image features no longer match the text tower, so the trained model classifies with the head alone (no
+frozen-CLIP ensemble). ``--roi-box largest_component`` classifies each mask on the box of its largest connected
+part: a stray positive pixel of a small model's mask otherwise stretches the RoI far past the object. The random
+text tower gives near-parallel class embeddings with the 14 templates (cosine 0.94-0.997 between the 12 synthetic
+classes), far less so with the bare class name (``--templates plain``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ovsam.config import ROI_BOX_RULES
 from pipeline.train_data import DatasetSpec, parse_dataset_spec, parse_heldout_spec
 
 logger = logging.getLogger(__name__)
@@ -75,8 +80,8 @@ PUBLISHED_CLIP = 0.01
 DEFAULT_MASK_POINTS = 1024
 # The short-run recipe for the random-init ovsam-tiny on `ovsam pack synthetic` data (the first example above;
 # used by `make demo` and the tests), per worker on 2 workers; the module docstring says why each setting.
-SYNTHETIC_RECIPE: dict[str, Any] = {"steps": 800, "batch_size": 4, "num_prompts": 10, "lr": 2e-3,
-                                    "warmup_steps": 75, "schedule": "cosine", "clip_grad_norm": None,
+SYNTHETIC_RECIPE: dict[str, Any] = {"trunk_warmup": 1200, "steps": 800, "batch_size": 4, "num_prompts": 10,
+                                    "lr": 2e-3, "warmup_steps": 75, "schedule": "cosine", "clip_grad_norm": None,
                                     "templates": "plain", "mask_points": 1024, "unfreeze": ("clip", "neck"),
                                     "roi_box": "largest_component"}
 
@@ -106,6 +111,7 @@ class TrainJobConfig:
     published_image_box: bool = False
     templates: str = "vild"
     unfreeze: tuple[str, ...] = ()  # "clip" (the CLIP image trunk) and/or "neck": trained too
+    trunk_warmup: int = 0  # steps of region classification training the CLIP trunk alone, before `steps`
     roi_box: str | None = None  # recognition.roi_box of the trained model (None: the model's own)
     checkpoint_every: int = 100
     eval_every: int = 0
@@ -138,12 +144,13 @@ class TrainJobConfig:
             raise ValueError(f"num-workers must be >= 0 (0 = in this process), got {self.num_workers}")
         if self.templates not in ("vild", "plain") and "{}" not in self.templates:
             raise ValueError(f"--templates must be vild, plain or a template containing {{}}, got {self.templates!r}")
-        from ovsam.config import ROI_BOX_RULES
         from ovsam.training import trainable_modules
 
         trainable_modules(STAGE, self.unfreeze)
         if self.roi_box is not None and self.roi_box not in ROI_BOX_RULES:
             raise ValueError(f"--roi-box must be one of {', '.join(ROI_BOX_RULES)}, got {self.roi_box!r}")
+        if self.trunk_warmup < 0:
+            raise ValueError(f"trunk-warmup must be >= 0, got {self.trunk_warmup}")
         if not self.name or "/" in self.name:
             raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
 
@@ -167,6 +174,10 @@ class TrainJobConfig:
             return self.lr
         return PUBLISHED_LR * self.batch_size * max(self.num_workers, 1) / PUBLISHED_BATCH
 
+    def trains_trunk(self) -> bool:
+        """Whether the run changes the CLIP image trunk (``--unfreeze clip`` or a trunk warm-up)."""
+        return "clip" in self.unfreeze or self.trunk_warmup > 0
+
     def template_list(self) -> tuple[str, ...]:
         from ovsam.templates import VILD_TEMPLATES
 
@@ -181,6 +192,8 @@ class TrainJobConfig:
         hashed = {k: d[k] for k in keys}
         if self.unfreeze:  # only when set, so runs started before the flag existed still resume
             hashed["unfreeze"] = sorted(self.unfreeze)
+        if self.trunk_warmup:
+            hashed["trunk_warmup"] = self.trunk_warmup
         return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -226,7 +239,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(SAM2CLIP). For a model with no pretrained CLIP and no SAM-distilled neck (a random-init "
                         "ovsam-tiny on synthetic data); training the trunk turns the frozen-CLIP ensemble off in "
                         "the trained model, as its image features no longer match the text tower")
-    p.add_argument("--roi-box", choices=("mask", "largest_component"), default=None,
+    p.add_argument("--trunk-warmup", type=int, default=0, metavar="N",
+                   help="first train the CLIP image trunk alone for N steps on region classification (the GT "
+                        "boxes' RoIs of its stride-16 stage, averaged, through a linear map onto the dataset's class "
+                        "embeddings), then run the --steps CLIP2SAM steps; for a model with no pretrained CLIP. Its "
+                        "own AdamW and schedule (the run's settings over N steps); turns the frozen-CLIP ensemble "
+                        "off like --unfreeze clip (default 0: none)")
+    p.add_argument("--roi-box", choices=ROI_BOX_RULES, default=None,
                    help="the RoI rule the trained model classifies masks on: mask (published: the box of every "
                         "positive low-res pixel) or largest_component (the box of the mask's largest connected "
                         "part); default: the model's own")
@@ -277,6 +296,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         min_area=args.min_area, published_truncation=args.published_truncation,
         published_image_box=args.published_image_box, templates=args.templates,
         unfreeze=tuple(t.strip() for t in args.unfreeze.split(",") if t.strip()), roi_box=args.roi_box,
+        trunk_warmup=args.trunk_warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
         eval_samples=args.eval_samples, report_every=args.report_every, loader_workers=args.loader_workers,
         seed=args.seed, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
@@ -300,9 +320,10 @@ def run_train(cfg: TrainJobConfig, *, output: str | None = None, export_released
     from jobs import trainer
     from jobs.train_loop import train_loop
 
-    if export_released and "clip" in cfg.unfreeze:
+    if export_released and cfg.trains_trunk():
         raise ValueError("the released layout (sam2clip.pth, clip2sam.pth) has no place for a trained CLIP trunk "
-                         "(--unfreeze clip); drop --export-released: the --output file holds the whole model")
+                         "(--unfreeze clip, --trunk-warmup); drop --export-released: the --output file holds the "
+                         "whole model")
     tcfg = trainer_config(cfg)
     start = time.time()
     if cfg.num_workers == 0:

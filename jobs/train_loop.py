@@ -19,8 +19,9 @@ import os
 import posixpath
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -108,6 +109,19 @@ def _metric_keys(kind: str, has_split: bool) -> list[str]:
     return [p + f for p in prefixes for f in fields]
 
 
+@contextmanager
+def _in_eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Every module and its children in eval mode inside the block, each child's train mode restored after it."""
+    was_training = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in was_training:
+            m.train(mode)
+
+
 def evaluate_heldout(model: Any, heldout: list[tuple[str, TD.ShardSet, Any]], cfg: TrainJobConfig,
                      prefix: str) -> dict[str, float]:
     """The §5 metric on each held-out set, samples split over the ranks; ``{prefix}<name>/<prompt>/<metric>``.
@@ -116,9 +130,7 @@ def evaluate_heldout(model: Any, heldout: list[tuple[str, TD.ShardSet, Any]], cf
 
     rank, world = trainer.world()
     out: dict[str, float] = {}
-    was_training = {n: m.training for n, m in model.named_children()}
-    model.eval()
-    try:
+    with _in_eval_mode(model):
         for name, shard_set, vocab in heldout:
             kind = shard_set.classes.kind
             prompts = ("box", "point") if kind == "mask" else ("box",)
@@ -135,9 +147,47 @@ def evaluate_heldout(model: Any, heldout: list[tuple[str, TD.ShardSet, Any]], cf
                 total = {k: v * world for k, v in trainer.all_reduce_mean(sums).items()}
                 for k, v in InstanceMetric.summary(total).items():
                     out[f"{prefix}{name}/{prompt}/{k}"] = v
-    finally:
-        for n, m in model.named_children():
-            m.train(was_training[n])
+    return out
+
+
+def evaluate_probe(model: Any, probe: Any, heldout: list[tuple[str, TD.ShardSet, Any]], cfg: TrainJobConfig,
+                   aug: TD.AugmentConfig, prefix: str) -> dict[str, float]:
+    """Top-1 of the trunk warm-up's probe on every GT box of the held-out sets it has a classifier for
+    (``{prefix}<name>/probe_acc``), samples split over the ranks. Every rank must call it."""
+    from ovsam.clip2sam import trunk_warmup_losses
+
+    rank, world = trainer.world()
+    out: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    with _in_eval_mode(model, probe):
+        for name, shard_set, _ in heldout:
+            if name not in probe.datasets:
+                continue
+            sums = {"correct": 0.0, "labelled": 0.0}
+            batch: list = []
+
+            def score(batch: list) -> None:
+                with torch.no_grad():
+                    _, stats = trunk_warmup_losses(model, probe, batch)
+                sums["correct"] += stats["correct"]
+                sums["labelled"] += stats["labelled"]
+
+            for key, image, record in TD.iter_samples(list(shard_set.shards), shard_set.storage_options, rank=rank,
+                                                      world=world, limit=cfg.eval_samples):
+                count = len(record.labels if record.kind != "image" else record.image_labels)
+                if count == 0:
+                    continue  # every instance once: as many prompts as instances, no augmentation, none dropped
+                one = dataclasses.replace(aug, augment=False, min_area=0.0, num_prompts=count)
+                sample = TD.prepare_sample(image, record, one, rng, dataset=name, key=key)
+                if sample is not None:
+                    batch.append(sample)
+                if len(batch) == cfg.eval_batch_size:
+                    score(batch)
+                    batch = []
+            if batch:
+                score(batch)
+            total = trainer.all_reduce_mean(sums)
+            out[f"{prefix}{name}/probe_acc"] = total["correct"] / max(total["labelled"], 1e-9)
     return out
 
 
@@ -160,11 +210,16 @@ def adapt_model_config(model: Any, cfg: TrainJobConfig) -> None:
     changes: dict[str, Any] = {}
     if cfg.roi_box is not None and cfg.roi_box != rec.roi_box:
         changes["roi_box"] = cfg.roi_box
-    if "clip" in cfg.unfreeze and rec.ensemble:
+    if cfg.trains_trunk() and rec.ensemble:
         changes["ensemble"] = False
         logger.info("the CLIP trunk trains: the trained model classifies with the head alone (no CLIP ensemble)")
     if changes:
         model.config = dataclasses.replace(model.config, recognition=dataclasses.replace(rec, **changes))
+
+
+def _trained_parts(cfg: TrainJobConfig) -> tuple[str, ...]:
+    """The ``--unfreeze`` names of every part the run changes: ``cfg.unfreeze``, plus the trunk a warm-up trains."""
+    return cfg.unfreeze + (("clip",) if cfg.trunk_warmup and "clip" not in cfg.unfreeze else ())
 
 
 def _trainable_state(model: Any, unfreeze: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -178,7 +233,7 @@ def train_loop(config: dict) -> None:
     """Train one worker's share of a CLIP2SAM run described by ``TrainJobConfig.to_dict()``."""
     from ovsam import build_ovsam
     from ovsam.checkpoint import save_checkpoint
-    from ovsam.clip2sam import LossConfig, clip2sam_losses
+    from ovsam.clip2sam import LossConfig, RegionProbe, clip2sam_losses, trunk_warmup_losses
     from ovsam.training import build_optimizer, build_scheduler, clip_gradients, set_trainable, train_mode
 
     cfg = TrainJobConfig.from_dict(config)
@@ -222,6 +277,22 @@ def train_loop(config: dict) -> None:
         heldout.append((name, shard_set, vocabulary_for(classes, model, cfg.storage_path, cfg.storage_options,
                                                         digest, cfg.template_list())))
 
+    # The trunk warm-up (steps [0, trunk_warmup)): the trunk and a RegionProbe, with their own optimiser and
+    # schedule; the CLIP2SAM steps follow with the optimiser built above (scheduler step = step - trunk_warmup).
+    warmup, total_steps = cfg.trunk_warmup, cfg.trunk_warmup + cfg.steps
+    probe = warm_optimizer = warm_scheduler = None
+    if warmup:
+        num_classes = {name: int(t.shape[0]) for name, t in texts.items() if t is not None and t.shape[0]}
+        if not num_classes:
+            raise ValueError("--trunk-warmup needs a dataset with classes; every dataset of this run is "
+                             "class-agnostic")
+        probe = RegionProbe.for_model(model, num_classes).to(model.device)
+        model.backbone.unfreeze()
+        warm_modules = torch.nn.ModuleList([model.backbone, probe])
+        warm_params = list(warm_modules.parameters())
+        warm_optimizer = build_optimizer(warm_modules, optim_cfg)
+        warm_scheduler = build_scheduler(warm_optimizer, warmup, optim_cfg)
+
     step, counts, samples_seen, restored_from = 0, {d.name: 0 for d in cfg.datasets}, 0, None
     state = trainer.restore()
     if state is not None:
@@ -232,6 +303,10 @@ def train_loop(config: dict) -> None:
         assert not unexpected, unexpected
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "warmup" in state:
+            probe.load_state_dict(state["warmup"]["probe"])
+            warm_optimizer.load_state_dict(state["warmup"]["optimizer"])
+            warm_scheduler.load_state_dict(state["warmup"]["scheduler"])
         step, samples_seen, restored_from = int(state["step"]), int(state["samples"]), int(state["step"])
         counts.update({k: int(v) for k, v in state["counts"].items()})
         logger.info("rank %d resumed run %s at step %d", rank, cfg.name, step)
@@ -245,19 +320,34 @@ def train_loop(config: dict) -> None:
     loader = TD.MixtureLoader(streams, sampler, cfg.batch_size, num_workers=cfg.loader_workers)
 
     def checkpoint_state() -> dict:
-        return {"trainable": _trainable_state(model, cfg.unfreeze), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "samples": samples_seen, "counts": dict(counts),
-                "training_hash": cfg.training_hash(), "world_size": world}
+        state = {"trainable": _trainable_state(model, _trained_parts(cfg)), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step, "samples": samples_seen,
+                 "counts": dict(counts), "training_hash": cfg.training_hash(), "world_size": world}
+        if step < warmup:
+            state["warmup"] = {"probe": probe.state_dict(), "optimizer": warm_optimizer.state_dict(),
+                               "scheduler": warm_scheduler.state_dict()}
+        return state
+
+    def enter_phase() -> list:
+        """Trainable parameters and modes of the phase ``step`` is in."""
+        if step < warmup:
+            model.eval()
+            model.backbone.train()
+            probe.train()
+            return warm_params
+        set_trainable(model, STAGE, cfg.unfreeze)
+        train_mode(model, STAGE, cfg.unfreeze)
+        return params
 
     files = {MODEL_FILE: lambda p: save_checkpoint(model, p, extra={"trained_steps": str(step),
                                                                     "run": cfg.name})}
     metrics: dict[str, float] = {}
     if cfg.eval_at_start and heldout and step == 0:
         metrics.update(evaluate_heldout(model, heldout, cfg, "initial/"))
-    train_mode(model, STAGE, cfg.unfreeze)
+    active = enter_phase()
     window: dict[str, list[float]] = {}
     window_start, window_samples = time.time(), 0
-    while step < cfg.steps:
+    while step < total_steps:
         if cfg.fault_at is not None and step == cfg.fault_at[0] and rank == min(1, world - 1) and \
                 not os.path.exists(cfg.fault_at[1]):
             Path(cfg.fault_at[1]).write_text(f"killed at step {step}\n")
@@ -267,41 +357,52 @@ def train_loop(config: dict) -> None:
         if any(s.dataset != name for s in batch):  # the loader guarantees this; checked because tests rely on it
             raise AssertionError(f"step {step}: a batch of {name!r} holds samples of "
                                  f"{sorted({s.dataset for s in batch})}")
-        losses, stats = clip2sam_losses(model, batch, texts[name], loss_cfg)
-        optimizer.zero_grad(set_to_none=True)
+        in_warmup = step < warmup
+        if in_warmup:
+            losses, stats = trunk_warmup_losses(model, probe, batch, loss_cfg)
+            opt, sched = warm_optimizer, warm_scheduler
+        else:
+            losses, stats = clip2sam_losses(model, batch, texts[name], loss_cfg)
+            opt, sched = optimizer, scheduler
+        opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        trainer.all_reduce_gradients(params)
-        grad_norm = clip_gradients(params, optim_cfg.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        trainer.all_reduce_gradients(active)
+        grad_norm = clip_gradients(active, optim_cfg.clip_grad_norm)
+        opt.step()
+        sched.step()
         step += 1
+        if in_warmup and step == warmup:
+            if heldout:
+                metrics.update(evaluate_probe(model, probe, heldout, cfg, aug, "warmup/"))
+            logger.info("rank %d: trunk warm-up done at step %d; the CLIP2SAM steps follow (%s)", rank, step,
+                        " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("warmup/")))
+            active = enter_phase()
         counts[name] += 1
         samples_seen += len(batch) * world
         window_samples += len(batch) * world
         values = {f"{k}/{name}": float(v.detach()) for k, v in losses.items()}
         if stats["labelled"]:
-            values[f"acc/{name}"] = stats["correct"] / stats["labelled"]
+            values[f"{'probe_acc' if in_warmup else 'acc'}/{name}"] = stats["correct"] / stats["labelled"]
         values["loss"] = float(losses["loss"].detach())
         values["grad_norm"] = grad_norm
         for k, v in values.items():
             window.setdefault(k, []).append(v)
         if rank == 0:
-            logger.info("step %d/%d %s %s", step, cfg.steps, name,
+            logger.info("step %d/%d %s %s", step, total_steps, name,
                         " ".join(f"{k}={v:.4g}" for k, v in values.items()))
-        last = step == cfg.steps
+        last = step == total_steps
         do_ckpt = step % cfg.checkpoint_every == 0 or last
         do_eval = bool(heldout) and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
         if not (do_ckpt or do_eval or step % cfg.report_every == 0):
             continue
         elapsed = time.time() - window_start
         metrics.update({k: float(np.mean(v)) for k, v in window.items()})
-        metrics.update({"step": step, "samples": samples_seen, "lr": scheduler.get_last_lr()[0],
+        metrics.update({"step": step, "samples": samples_seen, "lr": sched.get_last_lr()[0],
                         "samples_per_s": window_samples / max(elapsed, 1e-9), "world_size": world,
                         "resumed_from": -1 if restored_from is None else restored_from})
         metrics.update({f"batches/{k}": v for k, v in counts.items()})
         if do_eval:
             metrics.update(evaluate_heldout(model, heldout, cfg, "eval/"))
-            train_mode(model, STAGE, cfg.unfreeze)
         trainer.report(dict(metrics), state=checkpoint_state() if do_ckpt else None,
                        files=files if do_ckpt else None)
         window, window_start, window_samples = {}, time.time(), 0

@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
+from torchvision.ops import roi_align
 
 from . import losses as L
 from .modeling import recognition as R
@@ -130,4 +132,67 @@ def clip2sam_losses(model: OvsamModel, batch: Sequence[Any], text: torch.Tensor 
     return losses, stats
 
 
-__all__ = ["LossConfig", "batch_inputs", "clip2sam_losses", "encode_prompts"]
+class RegionProbe(nn.Module):
+    """The classifier of the trunk warm-up (``ovsam train --trunk-warmup``): the spatial mean of a RoIAlign of one
+    CLIP stage (C4, stride 16, by default) and one linear classifier per dataset.
+
+    It exists for training only and is not part of the model. A linear classifier on spatially averaged C4 features
+    can only be right if the trunk's channels tell the classes apart (shape included), so the region
+    classification loss trains the trunk to do that before the CLIP2SAM losses start. It does not score against the
+    text embeddings: a random text tower's class embeddings can be near-parallel, which slows such a classifier
+    down."""
+
+    def __init__(self, in_channels: int, num_classes: Mapping[str, int], *, level: int = 2, stride: int = 16,
+                 roi_size: int = 7) -> None:
+        super().__init__()
+        self.level, self.stride, self.roi_size = level, stride, roi_size
+        self.datasets = tuple(num_classes)
+        self.classifiers = nn.ModuleList(nn.Linear(in_channels, int(n)) for n in num_classes.values())
+
+    @classmethod
+    def for_model(cls, model: OvsamModel, num_classes: Mapping[str, int], level: int = 2) -> "RegionProbe":
+        return cls(model.config.clip.stage_channels[level], num_classes, level=level,
+                   stride=model.config.neck.strides[level], roi_size=model.config.clip.roi_size)
+
+    def features(self, clip_feats: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """``[N, C]``: the spatial mean of ``rois`` (``[N, 5]``: image index, x1, y1, x2, y2 in input pixels)."""
+        feat = clip_feats[self.level]
+        pooled = roi_align(feat, rois.to(feat.dtype), output_size=self.roi_size, spatial_scale=1.0 / self.stride,
+                           sampling_ratio=0, aligned=True)
+        return pooled.mean(dim=(2, 3))
+
+    def forward(self, clip_feats: Sequence[torch.Tensor], rois: torch.Tensor, dataset: str) -> torch.Tensor:
+        """``[N, K + 1]`` logits over ``dataset``'s K classes, background last (always 0)."""
+        logits = self.classifiers[self.datasets.index(dataset)](self.features(clip_feats, rois))
+        return torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], dim=1)
+
+
+def trunk_warmup_losses(model: OvsamModel, probe: RegionProbe, batch: Sequence[Any],
+                        cfg: LossConfig = LossConfig()) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Region classification of one batch's GT boxes through the CLIP trunk and ``probe`` (the trunk warm-up).
+
+    Returns ``({"loss", "loss_probe"}, stats)`` like :func:`clip2sam_losses`; a batch of a dataset the probe has
+    no classifier for (a class-agnostic one) gives a zero loss."""
+    datasets = {s.dataset for s in batch}
+    if len(datasets) != 1:
+        raise ValueError(f"a batch must hold one dataset, got {sorted(datasets)}")
+    dataset = datasets.pop()
+    dev = model.device
+    clip_feats = model.backbone(batch_inputs(model, batch), num_stages=probe.level + 1)
+    image_index = torch.cat([torch.full((len(s.labels),), i, dtype=torch.long) for i, s in enumerate(batch)]).to(dev)
+    boxes = torch.cat([s.boxes for s in batch]).to(dev)
+    labels = torch.cat([s.labels for s in batch]).to(dev)
+    stats = {"prompts": float(len(labels)), "correct": 0.0, "labelled": 0.0}
+    if dataset not in probe.datasets:
+        loss = sum(f.sum() for f in clip_feats) * 0.0 + sum(p.sum() for p in probe.parameters()) * 0.0
+    else:
+        rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)
+        logits = probe(clip_feats, rois, dataset)
+        loss = L.classification_loss(logits, labels, bg_weight=cfg.bg_weight, loss_weight=1.0)
+        labelled = labels >= 0
+        stats["labelled"] = float(labelled.sum())
+        stats["correct"] = float((logits[:, :-1].argmax(1) == labels)[labelled].sum())
+    return {"loss_probe": loss, "loss": loss}, stats
+
+
+__all__ = ["LossConfig", "RegionProbe", "batch_inputs", "clip2sam_losses", "encode_prompts", "trunk_warmup_losses"]

@@ -51,6 +51,9 @@ def set_trainable(model: nn.Module, stage: Stage, unfreeze: Iterable[str] = ()) 
     Frozen modules are put in eval mode by :func:`train_mode`; call it instead of ``model.train()``."""
     names = trainable_modules(stage, unfreeze)
     model.requires_grad_(False)
+    for name, module in model.named_children():
+        if name not in names and hasattr(module, "freeze"):
+            module.freeze()
     params: list[nn.Parameter] = []
     for name in names:
         module = getattr(model, name)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from ..config import ROI_BOX_RULES
+
 BASE, NOVEL, EXCLUDED = 1, 2, 0
 EXCLUDED_SCORE = -1000.0
 
@@ -24,7 +26,7 @@ def boxes_from_mask_logits(mask_logits: torch.Tensor, scale: float, rule: str = 
     if rule == "largest_component":
         masks = largest_components(masks)
     elif rule != "mask":
-        raise ValueError(f"unknown RoI box rule {rule!r}; expected 'mask' or 'largest_component'")
+        raise ValueError(f"unknown RoI box rule {rule!r}; expected one of {', '.join(ROI_BOX_RULES)}")
     return boxes_from_masks(masks) * scale
 
 

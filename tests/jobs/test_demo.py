@@ -40,14 +40,14 @@ def test_demo_annotates_generated_shards(tmp_path, capsys):
 
 def test_demo_trains_its_model_and_annotates_with_it(tmp_path, capsys):
     args = ["demo", "--output", str(tmp_path), "--shards", "1", "--samples-per-shard", "2", "--overlays", "1",
-            "--workers", "1", "--train-steps", "3", "--train-workers", "2"]
+            "--workers", "1", "--train-steps", "3", "--trunk-warmup", "2", "--train-workers", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "training ovsam-tiny for 3 steps on 2 Ray Train workers" in out
+    assert "training ovsam-tiny for 2 trunk warm-up steps and 3 steps on 2 Ray Train workers" in out
     assert "box prompts: mask IoU" in out and "top-1 label" in out
     model = tmp_path / "model" / "ovsam-tiny-synthetic.safetensors"
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
-    assert summary["step"] == 3 and summary["world_size"] == 2 and "eval/synthetic/box/miou" in summary
+    assert summary["step"] == 5 and summary["world_size"] == 2 and "eval/synthetic/box/miou" in summary
     assert sorted(p.name for p in (tmp_path / "model" / "data" / "synthetic").iterdir()) == ["heldout", "train"]
     run = json.dumps(json.loads((tmp_path / "annotations" / "run.json").read_text()))
     # the annotation job ran on the trained model, with the vocabulary it was trained against

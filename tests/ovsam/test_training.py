@@ -118,6 +118,50 @@ def test_unfreeze_adds_the_clip_trunk_and_the_neck():
     assert all(p.grad is None for p in model.text.parameters())
 
 
+def test_trunk_warmup_loss_trains_the_trunk_and_probe_only():
+    """The trunk warm-up's region classification reaches the trunk (stride-16 stage and everything before it) and
+    the dataset's probe classifier, nothing else; set_trainable afterwards freezes the trunk again (eval mode, no
+    gradient)."""
+    from torchvision.ops import roi_align
+
+    from ovsam.clip2sam import RegionProbe, trunk_warmup_losses
+
+    model = ovsam.build_ovsam("ovsam-tiny")
+    batch = _mask_batch(model)  # dataset "d", labels 0 and 2
+    probe = RegionProbe.for_model(model, {"other": 5, "d": 3})
+    assert (probe.level, probe.stride) == (2, 16)
+    assert [(c.in_features, c.out_features) for c in probe.classifiers] == [(model.config.clip.stage_channels[2], 5),
+                                                                            (model.config.clip.stage_channels[2], 3)]
+    model.backbone.unfreeze()
+    model.eval()
+    model.backbone.train()
+    losses, stats = trunk_warmup_losses(model, probe, batch)
+    losses["loss"].backward()
+    assert losses["loss"] > 0 and stats["labelled"] == 4 and 0 <= stats["correct"] <= 4
+    assert probe.classifiers[1].weight.grad.abs().sum() > 0 and probe.classifiers[0].weight.grad is None
+    assert model.backbone.visual.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.visual.layer4.parameters())  # C5 is not used
+    for part in (model.fpn_neck, model.mask_decoder, model.neck, model.text):
+        assert all(p.grad is None for p in part.parameters())
+    # the probe: the spatial mean of a 7x7 RoIAlign of C4, a linear classifier, a background column of 0
+    x = torch.randn(1, 3, model.image_size, model.image_size)
+    feats = [f.detach() for f in model.backbone(x)]
+    early = model.backbone(x, num_stages=3)  # what the warm-up runs: the stages up to C4
+    assert len(early) == 3 and all(torch.allclose(a, b) for a, b in zip(early, feats))
+    rois = torch.tensor([[0.0, 24, 16, 120, 80]])
+    pooled = roi_align(feats[2], rois, output_size=7, spatial_scale=1 / 16, sampling_ratio=0, aligned=True)
+    logits = probe(feats, rois, "d")
+    torch.testing.assert_close(logits[:, :3], probe.classifiers[1](pooled.mean((2, 3))))
+    assert logits.shape == (1, 4) and logits[0, 3] == 0
+    # a dataset without a classifier (class-agnostic) gives a zero loss that still reaches the trunk (DDP-safe)
+    losses, stats = trunk_warmup_losses(model, RegionProbe.for_model(model, {"other": 5}), batch)
+    assert losses["loss"].item() == 0 and stats["labelled"] == 0
+    set_trainable(model, "clip2sam")
+    train_mode(model, "clip2sam")
+    assert model.backbone.frozen and not model.backbone.training
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
 def _mask_batch(model):
     from pipeline.train_data import TrainSample
 
