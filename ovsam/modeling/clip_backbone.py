@@ -81,10 +81,15 @@ def calibrate_random_trunk(visual: nn.Module, seed: int = 0) -> None:
         visual.to(dtype).train(was_training)
 
 
+def is_modified_resnet(visual: nn.Module) -> bool:
+    """Whether ``visual`` is open_clip's ``ModifiedResNet`` (OpenAI RN models); otherwise a ``TimmModel`` tower."""
+    return hasattr(visual, "attnpool")
+
+
 def backbone_forward(visual: nn.Module, x: torch.Tensor, num_stages: int = 4) -> list[torch.Tensor]:
     """The stage outputs ``[C2, C3, C4, C5]`` (strides 4/8/16/32) of a ``ModifiedResNet`` or a timm ConvNeXt trunk
     for normalised input ``x``; only the first ``num_stages`` stages run."""
-    if hasattr(visual, "attnpool"):
+    if is_modified_resnet(visual):
         v = visual
         x = v.act1(v.bn1(v.conv1(x)))
         x = v.act2(v.bn2(v.conv2(x)))
@@ -114,7 +119,7 @@ class ClipBackbone(nn.Module):
         super().__init__()
         self.visual = visual
         self.roi_size = roi_size
-        self.is_resnet = hasattr(visual, "attnpool")
+        self.is_resnet = is_modified_resnet(visual)
         if not self.is_resnet and not hasattr(visual, "trunk"):
             raise ValueError(f"unsupported CLIP visual tower {type(visual).__name__}; expected ModifiedResNet or TimmModel")
         if self.is_resnet:

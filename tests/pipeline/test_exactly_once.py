@@ -49,7 +49,7 @@ from .corpus import CorpusCase, corrupt_jpeg, cut_mid_member, good_jpeg, sidecar
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_SHARDS, PER_SHARD = 8, 6
+NUM_SHARDS, PER_SHARD = 8, 16  # ~0.5-1 s of annotation per shard: the worker-kill test needs a job that outlasts its kills
 SEED = 1234
 TIMEOUT_S = 240.0
 
@@ -60,8 +60,8 @@ TIMEOUT_S = 240.0
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Any]:
-    """8 shards x 6 samples: JPEGs of varying sizes with two sidecar boxes each; one corrupt JPEG (shard 2), one
-    malformed sidecar (shard 6), shard 5 cut inside its last member (its index says 6 samples)."""
+    """8 shards x 16 samples: JPEGs of varying sizes with two sidecar boxes each; one corrupt JPEG (shard 2), one
+    malformed sidecar (shard 6), shard 5 cut inside its last member (its index says 16 samples)."""
     root = tmp_path_factory.mktemp("eo-corpus")
     expected: dict[tuple[str, str], str] = {}
     for s in range(NUM_SHARDS):
