@@ -286,7 +286,9 @@ def train_loop(config: dict) -> None:
         if not num_classes:
             raise ValueError("--trunk-warmup needs a dataset with classes; every dataset of this run is "
                              "class-agnostic")
-        probe = RegionProbe.for_model(model, num_classes).to(model.device)
+        with torch.random.fork_rng(devices=[]):  # the same probe on every worker and in every run of the seed
+            torch.manual_seed(cfg.seed)
+            probe = RegionProbe.for_model(model, num_classes).to(model.device)
         model.backbone.unfreeze()
         warm_modules = torch.nn.ModuleList([model.backbone, probe])
         warm_params = list(warm_modules.parameters())

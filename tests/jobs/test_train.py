@@ -444,6 +444,15 @@ def test_trunk_warmup_trains_the_trunk_first_and_resumes(tmp_path):
     assert same({k: v for k, v in trained.state_dict().items() if k.startswith("backbone.")},
                 part(warm + steps, "backbone."))
 
+    # the run is a function of its settings: the same again, with another global RNG state, trains bit for bit
+    # the same (the probe is initialised from the run's seed, as on every Ray Train worker)
+    torch.manual_seed(12345)
+    run_train(dataclasses.replace(cfg, storage_path=str(tmp_path / "again")))
+    repeat = _states_by_step(tmp_path / "again" / "warm")
+    for step in (1, warm, warm + steps):
+        assert same(repeat[step]["trainable"], states[step]["trainable"]), step
+    assert same(repeat[1]["warmup"]["probe"], states[1]["warmup"]["probe"])
+
     # a relaunch resumes inside the warm-up (from step 1) and carries the probe's optimiser on
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed / "warm")
