@@ -50,7 +50,7 @@ frozen-CLIP ensemble). ``--roi-box largest_component`` classifies each mask on t
 part: a stray positive pixel of a small model's mask otherwise stretches the RoI far past the object. The random
 text tower gives near-parallel class embeddings with the 14 templates (cosine 0.94-0.997 between the 12 synthetic
 classes), less so with the bare class name (``--templates plain``: mean cosine 0.32), but even then the three shapes
-of one colour stay at 0.93-0.99, which is what holds the labels back.
+of one colour stay at 0.93-0.99, which costs the labels a little (the trunk's shape features cost more).
 """
 
 from __future__ import annotations
