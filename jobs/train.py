@@ -242,10 +242,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the trained model, as its image features no longer match the text tower")
     p.add_argument("--trunk-warmup", type=int, default=0, metavar="N",
                    help="first train the CLIP image trunk alone for N steps on region classification (the GT "
-                        "boxes' RoIs of its stride-16 stage, averaged, through a linear map onto the dataset's class "
-                        "embeddings), then run the --steps CLIP2SAM steps; for a model with no pretrained CLIP. Its "
-                        "own AdamW and schedule (the run's settings over N steps); turns the frozen-CLIP ensemble "
-                        "off like --unfreeze clip (default 0: none)")
+                        "boxes' RoIs of its stride-16 stage, averaged, through a linear classifier per dataset "
+                        "that is dropped afterwards), then run the --steps CLIP2SAM steps; for a model with no "
+                        "pretrained CLIP. Its own AdamW and schedule (the run's settings over N steps); turns the "
+                        "frozen-CLIP ensemble off like --unfreeze clip (default 0: none)")
     p.add_argument("--roi-box", choices=ROI_BOX_RULES, default=None,
                    help="the RoI rule the trained model classifies masks on: mask (published: the box of every "
                         "positive low-res pixel) or largest_component (the box of the mask's largest connected "
