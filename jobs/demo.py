@@ -13,7 +13,7 @@ Steps, all under ``--output``:
 
 * ``model/`` – unless ``--checkpoint`` or ``--no-train`` is given: ``ovsam pack synthetic`` writes train and
   held-out shard sets of coloured squares, circles and triangles (``model/data/``), ``ovsam train`` trains the
-  random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, ~12 min on 2
+  random-init ``ovsam-tiny`` on them with 2 Ray Train workers (``jobs.train.SYNTHETIC_RECIPE``, 7-12 min on 2
   cores; checkpoints in ``model/runs/``), evaluates the held-out set before and after, and writes
   ``model/ovsam-tiny-synthetic.safetensors`` with the vocabulary it was trained against
   (``model/ovsam-tiny-synthetic.synthetic.vocab.safetensors``) and ``model/summary.json``. A later demo reuses
@@ -99,7 +99,7 @@ def train_demo_model(out: Path, steps: int | None, workers: int,
                    samples_per_shard=32)
     warmup = f"{cfg.trunk_warmup} trunk warm-up steps and " if cfg.trunk_warmup else ""
     print(f"ovsam demo: training ovsam-tiny for {warmup}{cfg.steps} steps on {workers} Ray Train workers "
-          f"(checkpoints in {out / 'runs'}; ~12 min on 2 cores with the default steps)")
+          f"(checkpoints in {out / 'runs'}; 7-12 min on 2 cores with the default steps)")
     metrics = run_train(cfg, output=str(model_file))
     summary = {"training_hash": cfg.training_hash(), **{k: v for k, v in metrics.items()
                                                          if isinstance(v, (int, float, str))}}
