@@ -105,7 +105,8 @@ def test_training_improves_heldout_iou_and_accuracy(reference):
     assert after["box/gt_box_acc"] > before["box/gt_box_acc"] + 0.45, (before, after)
     assert after["point/miou"] > before["point/miou"] + 0.45, (before, after)
     assert after["point/acc"] > before["point/acc"] + 0.3, (before, after)
-    assert m["warmup/synthetic/probe_acc"] > 0.5  # the warm-up's probe on the held-out GT boxes (0.72-0.78 seen)
+    # the warm-up's probe on the held-out GT boxes (0.70-0.78 over both machines)
+    assert m["warmup/synthetic/probe_acc"] > 0.5
     assert after["box/count"] > 100  # every held-out instance was scored once, over both workers
 
 
