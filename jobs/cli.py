@@ -66,7 +66,7 @@ def _require_file(path: Path, flag: str, hint: str) -> None:
 
 
 def cmd_convert_official(args: argparse.Namespace) -> int:
-    """Assemble the released OV-SAM files into one project checkpoint (``ovsam.checkpoint.convert_official``)."""
+    """Assemble the released OV-SAM files into one project checkpoint (``ovsam.convert.convert_official``)."""
     _require_file(args.sam, "--sam", "get it with `ovsam weights download sam_vit_h_4b8939.pth`")
     _require_file(args.sam2clip, "--sam2clip", "get it with `ovsam weights download sam2clip_vith_rn50x16.pth`")
     _require_file(args.clip2sam, "--clip2sam",
@@ -76,7 +76,7 @@ def cmd_convert_official(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--clip {args.clip}: no such file; pass the open_clip tag 'openai' or the path "
                                 f"of `ovsam weights download RN50x16.pt`")
 
-    from ovsam.checkpoint import convert_official
+    from ovsam.convert import convert_official
 
     convert_official(clip=args.clip, sam=args.sam, sam2clip=args.sam2clip, clip2sam=args.clip2sam,
                      output=args.output, vocabulary=args.vocabulary, roi_size=args.roi_size)

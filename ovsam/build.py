@@ -12,6 +12,7 @@ from torch import nn
 from .config import ModelConfig, SamConfig, list_models, load_config
 from .modeling import OvsamModel, SamModel
 from .modeling.clip_backbone import calibrate_random_trunk, create_clip, get_tokenizer
+from .precision import set_precision
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ def build_ovsam(
     name_or_config: str | Path | Mapping[str, Any] | ModelConfig | None = None,
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> Model:
     """Build a model by name (see :func:`list_models`), JSON path, dict or config object.
 
@@ -49,6 +52,11 @@ def build_ovsam(
     wrote; a dict, config object or JSON path of the same model overrides it) or, for ``sam-*`` models, one of
     Meta's SAM checkpoints. Weights load strictly; missing or unexpected keys and shape mismatches raise
     ``ValueError`` naming them. The model is returned in eval mode.
+
+    ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``; see :mod:`ovsam.precision`) is the float type the
+    prediction functions compute in; ``auto`` picks bf16 where ``device`` computes it natively and fp32 elsewhere.
+    It is recorded as ``model.precision`` (resolved). ``compile`` wraps the image encoder and the prompt decoder
+    in ``torch.compile`` with static shapes (prompt chunks are then padded to a fixed size).
     """
     from . import checkpoint as ckpt
 
@@ -76,7 +84,18 @@ def build_ovsam(
     if checkpoint is not None:
         state = ckpt.read_model_weights(checkpoint, config)
         ckpt.load_state_dict_strict(model, state, source=str(checkpoint))
-    return model.to(device).eval()
+    model = set_precision(model.to(device).eval(), precision)
+    if compile:
+        compile_model(model)
+    return model
 
 
-__all__ = ["Model", "build_model", "build_ovsam", "list_models"]
+def compile_model(model: Model) -> Model:
+    """``torch.compile`` the image encoder and the prompt decoder (static shapes); records ``model.compiled``."""
+    model.encode_image = torch.compile(model.encode_image, dynamic=False)
+    model.mask_decoder.forward = torch.compile(model.mask_decoder.forward, dynamic=False)
+    model.compiled = True
+    return model
+
+
+__all__ = ["Model", "build_model", "build_ovsam", "compile_model", "list_models"]

@@ -9,7 +9,7 @@ and which project model it feeds) and :func:`download`, which fetches one of the
 ['sam_vit_h_4b8939.pth', 'sam_vit_l_0b3195.pth']
 >>> path = weights.download("clip2sam_coco_rn50x16.pth", "weights/")  # doctest: +SKIP
 
-The files are not project checkpoints; ``ovsam convert-official`` (``ovsam.checkpoint.convert_official``) turns
+The files are not project checkpoints; ``ovsam convert-official`` (``ovsam.convert.convert_official``) turns
 them into the project's single-file format.
 """
 

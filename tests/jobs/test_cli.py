@@ -82,7 +82,7 @@ def test_convert_official_calls_the_converter(tmp_path, monkeypatch, capsys):
         files[flag] = tmp_path / f"{flag}.pth"
         files[flag].write_bytes(b"x")
     seen = {}
-    monkeypatch.setattr("ovsam.checkpoint.convert_official", lambda **kw: seen.update(kw), raising=False)
+    monkeypatch.setattr("ovsam.convert.convert_official", lambda **kw: seen.update(kw), raising=False)
     out = tmp_path / "ovsam_coco.safetensors"
     code = main(["convert-official", "--clip", "openai", "--sam", str(files["sam"]), "--sam2clip",
                  str(files["sam2clip"]), "--clip2sam", str(files["clip2sam"]), "-o", str(out),

@@ -24,7 +24,8 @@ import torch
 from jobs import distill
 from ovsam import build_ovsam
 from ovsam.batch import prepare_image
-from ovsam.checkpoint import convert_official, export_released
+from ovsam.checkpoint import export_released
+from ovsam.convert import convert_official
 from pipeline.distill_data import EMBEDDING_EXT, DistillStream, InputSpec, decode_embedding
 from pipeline.sources import iter_samples
 from pipeline.synthetic import draw_scene, write_shards

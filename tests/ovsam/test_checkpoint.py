@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ovsam.build import build_model, build_ovsam
-from ovsam.checkpoint import (convert_official, export_released, is_project_checkpoint, load_sam_checkpoint,
-                              read_clip_state_dict, read_config, read_state_dict, save_checkpoint)
+from ovsam.checkpoint import (export_released, is_project_checkpoint, load_sam_checkpoint, read_clip_state_dict,
+                              read_config, read_state_dict, save_checkpoint)
 from ovsam.config import load_config
+from ovsam.convert import convert_official
 
 from . import released_fixtures as rf
 from .utils import randomize_
