@@ -6,16 +6,19 @@ batch and single-image results agree.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from . import precision as P
 from . import transforms as T
 from .masks import mask_boxes_xyxy, stability_score
 from .modeling import OvsamModel, SamModel
 from .modeling import recognition as R
+from .modeling.ovsam import RegionOutput
 from .prediction import Prediction
 from .prompts import PromptSet, validate_prompts
 
@@ -40,10 +43,13 @@ def prepare_image(model: OvsamModel | SamModel, image: np.ndarray, image_format:
     return PreparedImage(x, (int(rgb.shape[0]), int(rgb.shape[1])), (int(resized.shape[0]), int(resized.shape[1])))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_images(model: OvsamModel | SamModel, inputs: torch.Tensor) -> Any:
-    """One backbone pass over ``[B, 3, S, S]`` inputs; returns the model's image features."""
-    return model.encode_image(inputs.to(model.device))
+    """One backbone pass over ``[B, 3, S, S]`` inputs at the model's precision; returns the model's image
+    features (in the compute dtype: bfloat16 or float16 features stay so for the decoder)."""
+    x = inputs.to(model.device).contiguous(memory_format=P.conv_memory_format(model))
+    with P.autocast(model, x):
+        return model.encode_image(x)
 
 
 def check_vocabulary(model: OvsamModel | SamModel, vocabulary: Any) -> None:
@@ -61,7 +67,26 @@ def check_vocabulary(model: OvsamModel | SamModel, vocabulary: Any) -> None:
                          f"'{model.config.name}' uses '{model.clip_model_name}'; rebuild it with this model")
 
 
-@torch.no_grad()
+def prompt_tensors(
+    model: OvsamModel | SamModel, prompts: PromptSet, original_size: tuple[int, int], input_size: tuple[int, int]
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+    """Validated original-frame prompts -> input-frame tensors on the model's device: ``points`` (``[N, K, 2]``
+    float32, ``[N, K]`` int64) or None, ``boxes`` ``[N, 4]`` float32 or None, ``mask_input`` or None."""
+    dev = model.device
+    points = None
+    if prompts.point_coords is not None:
+        coords = torch.as_tensor(T.apply_coords(prompts.point_coords, original_size, input_size),
+                                 dtype=torch.float32, device=dev)
+        points = (coords, torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=dev))
+    boxes = None
+    if prompts.boxes is not None:
+        boxes = torch.as_tensor(T.apply_boxes(prompts.boxes, original_size, input_size), dtype=torch.float32,
+                                device=dev)
+    masks_in = None if prompts.mask_input is None else torch.as_tensor(prompts.mask_input, device=dev)
+    return points, boxes, masks_in
+
+
+@torch.inference_mode()
 def predict_prompts(
     model: OvsamModel | SamModel,
     features: Any,
@@ -76,17 +101,7 @@ def predict_prompts(
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
 ) -> Prediction:
     """Run validated original-frame prompts of one image (``image_index`` into the batch features). Returns tensors."""
-    dev = model.device
-    points = None
-    if prompts.point_coords is not None:
-        coords = torch.as_tensor(T.apply_coords(prompts.point_coords, original_size, input_size),
-                                 dtype=torch.float32, device=dev)
-        points = (coords, torch.as_tensor(prompts.point_labels, dtype=torch.int64, device=dev))
-    boxes = None
-    if prompts.boxes is not None:
-        boxes = torch.as_tensor(T.apply_boxes(prompts.boxes, original_size, input_size), dtype=torch.float32,
-                                device=dev)
-    masks_in = None if prompts.mask_input is None else torch.as_tensor(prompts.mask_input, device=dev)
+    points, boxes, masks_in = prompt_tensors(model, prompts, original_size, input_size)
     pred = predict_torch_prompts(model, features, image_index, points, boxes, masks_in, original_size, input_size,
                                  vocabulary=vocabulary, multimask_output=multimask_output,
                                  return_logits=return_logits, prompt_chunk=prompt_chunk)
@@ -94,7 +109,7 @@ def predict_prompts(
     return pred
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_torch_prompts(
     model: OvsamModel | SamModel,
     features: Any,
@@ -112,28 +127,121 @@ def predict_torch_prompts(
 ) -> Prediction:
     """Prompts already in the input frame: ``points`` = (``[N, K, 2]``, ``[N, K]``), ``boxes`` ``[N, 4]``,
     ``mask_input`` ``[N, 1, s, s]``. Decodes in chunks of ``prompt_chunk`` prompts. Returns tensors."""
+    n = _num_prompts(points, boxes, mask_input)
+    index = torch.full((n,), image_index, dtype=torch.long, device=model.device)
+    decoded = decode_prompts(model, features, index, points, boxes, mask_input, vocabulary=vocabulary,
+                             multimask_output=multimask_output, prompt_chunk=prompt_chunk)
+    return finish_prediction(model, decoded, original_size, input_size, vocabulary=vocabulary,
+                             multimask_output=multimask_output, return_logits=return_logits)
+
+
+@dataclass
+class DecodedPrompts:
+    """Decoder and recognition outputs for N prompts, before mask post-processing; all float32 tensors.
+
+    ``low_res`` ``[N, M, s, s]`` logits, ``iou`` ``[N, M]``; ``head``/``clip`` ``[N, D]`` region embeddings,
+    ``valid`` ``[N]`` bool and ``scores`` ``[N, C + 1]`` fused log-scores (OV-SAM; None otherwise)."""
+
+    low_res: torch.Tensor
+    iou: torch.Tensor
+    head: torch.Tensor | None = None
+    clip: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.low_res.shape[0])
+
+    def select(self, idx: slice | torch.Tensor) -> "DecodedPrompts":
+        return DecodedPrompts(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                                 for f in dataclasses.fields(self)})
+
+
+def _num_prompts(points, boxes, mask_input) -> int:
+    return next(int(t.shape[0]) for t in (boxes, None if points is None else points[0], mask_input) if t is not None)
+
+
+@torch.inference_mode()
+def decode_prompts(
+    model: OvsamModel | SamModel,
+    features: Any,
+    image_index: torch.Tensor,
+    points: tuple[torch.Tensor, torch.Tensor] | None,
+    boxes: torch.Tensor | None,
+    mask_input: torch.Tensor | None,
+    *,
+    vocabulary: Any = None,
+    multimask_output: bool = False,
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+) -> DecodedPrompts:
+    """Decode N input-frame prompts of any images of the batch (``image_index`` ``[N]``) at the model's precision,
+    ``prompt_chunk`` prompts per decoder call (padded to exactly that many when the model is compiled, so its
+    shapes stay static). OV-SAM decodes prompts of several images in one call; SAM models one image per call."""
     check_vocabulary(model, vocabulary)
     if isinstance(model, OvsamModel) and multimask_output:
         raise ValueError(f"model '{model.config.name}' has a single mask token; multimask_output=True needs a SAM model")
-    n = next(t.shape[0] for t in (boxes, None if points is None else points[0], mask_input) if t is not None)
+    n = _num_prompts(points, boxes, mask_input)
     if n == 0:
+        return _empty_decoded(model, vocabulary, multimask_output)
+    if isinstance(model, SamModel):
+        chunks = []
+        for i in torch.unique(image_index).tolist():
+            sel = torch.nonzero(image_index == i, as_tuple=True)[0]
+            chunks += [(sel[start : start + prompt_chunk], int(i)) for start in range(0, len(sel), prompt_chunk)]
+    else:
+        chunks = [(slice(start, min(start + prompt_chunk, n)), None) for start in range(0, n, prompt_chunk)]
+    pad = prompt_chunk if getattr(model, "compiled", False) else 0
+    parts: list[DecodedPrompts] = []
+    order = []
+    for sel, single in chunks:
+        args = (None if points is None else (points[0][sel], points[1][sel]),
+                None if boxes is None else boxes[sel], None if mask_input is None else mask_input[sel])
+        idx = image_index[sel]
+        m = int(idx.shape[0])
+        if pad > m:
+            args = tuple(None if a is None else _pad_rows(a, pad) for a in args)
+            idx = _pad_rows(idx, pad)
+        part = _decode_chunk(model, features, idx, single, *args, vocabulary, multimask_output)
+        parts.append(part.select(slice(0, m)) if pad > m else part)
+        order.append(sel)
+    fields = [f.name for f in dataclasses.fields(DecodedPrompts)]
+    out = DecodedPrompts(**{k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
+                            for k in fields})
+    if isinstance(model, SamModel) and len(order) > 1:
+        inverse = torch.empty(n, dtype=torch.long, device=image_index.device)
+        inverse[torch.cat(order)] = torch.arange(n, device=image_index.device)
+        out = out.select(inverse)
+    return out
+
+
+def _pad_rows(a, size: int):
+    """``a`` (a tensor, or a pair of tensors for points) padded to ``size`` rows by repeating its last row."""
+    if isinstance(a, tuple):
+        return tuple(_pad_rows(t, size) for t in a)
+    extra = a[-1:].expand(size - a.shape[0], *a.shape[1:])
+    return torch.cat([a, extra])
+
+
+@torch.inference_mode()
+def finish_prediction(
+    model: OvsamModel | SamModel,
+    decoded: DecodedPrompts,
+    original_size: tuple[int, int],
+    input_size: tuple[int, int],
+    *,
+    vocabulary: Any = None,
+    multimask_output: bool = False,
+    return_logits: bool = False,
+) -> Prediction:
+    """Decoded prompts of one image -> a tensor :class:`Prediction`: float32 logits upscaled to the original
+    frame, thresholded there, with boxes, quality and (with a vocabulary) labels and class probabilities."""
+    if len(decoded) == 0:
         return _empty_prediction(model, original_size, vocabulary, multimask_output)
-    parts: list[dict[str, torch.Tensor]] = []
-    for start in range(0, max(n, 1), prompt_chunk):
-        sl = slice(start, min(start + prompt_chunk, n))
-        parts.append(_decode_chunk(
-            model, features, image_index,
-            None if points is None else (points[0][sl], points[1][sl]),
-            None if boxes is None else boxes[sl],
-            None if mask_input is None else mask_input[sl],
-            vocabulary, multimask_output,
-        ))
-    out = {k: (None if parts[0][k] is None else torch.cat([p[k] for p in parts])) for k in parts[0]}
-    low_res = out["low_res"]
+    low_res = decoded.low_res
     logits = T.postprocess_masks(low_res, model.image_size, input_size, original_size)
     masks = T.binarize(logits, model.config.mask_binarize)
     boxes_xyxy = mask_boxes_xyxy(masks)
-    iou = out["iou"]
+    iou = decoded.iou
     if not multimask_output:
         masks, logits, boxes_xyxy, iou = masks[:, 0], logits[:, 0], boxes_xyxy[:, 0], iou[:, 0]
     pred = Prediction(
@@ -141,16 +249,26 @@ def predict_torch_prompts(
         low_res_logits=low_res,
         iou_scores=iou,
         boxes_xyxy=boxes_xyxy,
-        head_embeddings=out["head"],
-        clip_embeddings=out["clip"],
-        clip_valid=out["valid"],
+        head_embeddings=decoded.head,
+        clip_embeddings=decoded.clip,
+        clip_valid=decoded.valid,
     )
     if vocabulary is not None:
-        scores = out["scores"]
+        scores = decoded.scores
         pred.labels = scores[:, :-1].argmax(dim=-1)
         pred.label_scores = R.fused_probabilities(scores)
         pred.label_names = list(vocabulary.names)
     return pred
+
+
+def _empty_decoded(model, vocabulary, multimask_output) -> DecodedPrompts:
+    m = model.config.num_multimask_outputs if multimask_output else 1
+    s = model.low_res_size
+    dev = model.device
+    out = DecodedPrompts(low_res=torch.zeros(0, m, s, s, device=dev), iou=torch.zeros(0, m, device=dev))
+    if vocabulary is not None:
+        out.scores = torch.zeros(0, len(vocabulary.names) + 1, device=dev)
+    return out
 
 
 def _empty_prediction(model, original_size, vocabulary, multimask_output) -> Prediction:
@@ -171,32 +289,38 @@ def _empty_prediction(model, original_size, vocabulary, multimask_output) -> Pre
     return pred
 
 
-def _decode_chunk(model, features, image_index, points, boxes, mask_input, vocabulary, multimask_output):
-    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-    result: dict[str, torch.Tensor | None] = {"head": None, "clip": None, "valid": None, "scores": None}
-    if isinstance(model, SamModel):
-        low_res, iou = model.mask_decoder(
-            image_embeddings=features[image_index : image_index + 1],
-            image_pe=model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
-        result.update(low_res=low_res, iou=iou)
-        return result
-    n = sparse.shape[0]
-    idx = torch.full((n,), image_index, dtype=torch.long, device=sparse.device)
-    low_res, _ = model.decode(features, idx, sparse, dense)
-    result.update(low_res=low_res, iou=stability_score(low_res))
-    roi_boxes = R.boxes_from_mask_logits(low_res, scale=model.image_size / low_res.shape[-1],
-                                         rule=model.config.recognition.roi_box)
-    clip_boxes = boxes if boxes is not None else roi_boxes
-    regions = model.region_embeddings(features, idx, roi_boxes, low_res, clip_boxes=clip_boxes)
-    result.update(head=regions.head_embeddings, clip=regions.clip_embeddings, valid=regions.clip_valid)
+def _decode_chunk(model, features, index, single_image, points, boxes, mask_input, vocabulary,
+                  multimask_output) -> DecodedPrompts:
+    """One decoder call at the model's precision; every output float32. ``single_image`` is the image of a SAM
+    model's chunk (SAM's decoder takes one image embedding)."""
+    like = features if isinstance(features, torch.Tensor) else features.image_embeddings
+    with P.autocast(model, like):
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        if isinstance(model, SamModel):
+            low_res, iou = model.mask_decoder(
+                image_embeddings=features[single_image : single_image + 1],
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            return DecodedPrompts(low_res=low_res.float(), iou=iou.float())
+        low_res, _ = model.decode(features, index, sparse, dense)
+        low_res = low_res.float()
+        roi_boxes = R.boxes_from_mask_logits(low_res, scale=model.image_size / low_res.shape[-1],
+                                             rule=model.config.recognition.roi_box)
+        clip_boxes = boxes if boxes is not None else roi_boxes
+        regions = model.region_embeddings(features, index, roi_boxes, low_res, clip_boxes=clip_boxes)
+    regions = RegionOutput(*(None if t is None else t.float() for t in
+                             (regions.head_embeddings, regions.clip_embeddings)),
+                           regions.clip_valid)
+    out = DecodedPrompts(low_res=low_res, iou=stability_score(low_res), head=regions.head_embeddings,
+                         clip=regions.clip_embeddings, valid=regions.clip_valid)
     if vocabulary is not None:
-        result["scores"] = model.classify(regions, vocabulary.embeddings.to(low_res.device),
-                                          vocabulary.indicator.to(low_res.device))
-    return result
+        with P.full_precision(low_res):
+            out.scores = model.classify(regions, vocabulary.embeddings.to(low_res.device),
+                                        vocabulary.indicator.to(low_res.device))
+    return out
 
 
 def _as_promptset(model, prompt: Any, original_size: tuple[int, int]) -> PromptSet:
@@ -254,8 +378,59 @@ def predict_batch(
     for start in range(0, len(prepared), step):
         chunk = prepared[start : start + step]
         features = encode_images(model, torch.stack([p.tensor for p in chunk]))
-        for j, p in enumerate(chunk):
-            pred = predict_prompts(model, features, j, prompt_sets[start + j], p.original_size, p.input_size,
-                                   vocabulary=vocabulary, multimask_output=multimask_output, prompt_chunk=prompt_chunk)
-            results.append(pred.numpy())
+        preds = predict_images(model, features, prompt_sets[start : start + step],
+                               [(p.original_size, p.input_size) for p in chunk], vocabulary=vocabulary,
+                               multimask_output=multimask_output, prompt_chunk=prompt_chunk)
+        results += [pred.numpy() for pred in preds]
     return results
+
+
+@torch.inference_mode()
+def predict_images(
+    model: OvsamModel | SamModel,
+    features: Any,
+    prompt_sets: Sequence[PromptSet],
+    sizes: Sequence[tuple[tuple[int, int], tuple[int, int]]],
+    *,
+    vocabulary: Any = None,
+    multimask_output: bool = False,
+    prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+) -> list[Prediction]:
+    """Validated original-frame prompts of every image of a batch (``features`` from :func:`encode_images`, image
+    ``i`` with ``sizes[i] = (original_size, input_size)``) -> one tensor :class:`Prediction` per image.
+
+    Prompts of the same kind (boxes, or K points, with or without a mask) from all images go through the decoder
+    together, ``prompt_chunk`` per call; each image's masks are then upscaled to its own frame.
+    """
+    if len(prompt_sets) != len(sizes):
+        raise ValueError(f"got {len(prompt_sets)} prompt sets for {len(sizes)} images")
+    tensors = [prompt_tensors(model, ps, *size) for ps, size in zip(prompt_sets, sizes)]
+    groups: dict[tuple, list[int]] = {}
+    for i, (points, boxes, masks_in) in enumerate(tensors):
+        if len(prompt_sets[i]):
+            kind = (None if points is None else int(points[0].shape[1]), boxes is not None, masks_in is not None)
+            groups.setdefault(kind, []).append(i)
+    decoded: list[DecodedPrompts | None] = [None] * len(prompt_sets)
+    for members in groups.values():
+        counts = [len(prompt_sets[i]) for i in members]
+        index = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in zip(members, counts)]).to(model.device)
+
+        def cat(pick):
+            parts = [pick(tensors[i]) for i in members]
+            return None if parts[0] is None else torch.cat(parts)
+
+        points = None if tensors[members[0]][0] is None else (cat(lambda t: t[0][0]), cat(lambda t: t[0][1]))
+        out = decode_prompts(model, features, index, points, cat(lambda t: t[1]), cat(lambda t: t[2]),
+                             vocabulary=vocabulary, multimask_output=multimask_output, prompt_chunk=prompt_chunk)
+        offset = 0
+        for i, c in zip(members, counts):
+            decoded[i] = out.select(slice(offset, offset + c))
+            offset += c
+    preds = []
+    for i, (original_size, input_size) in enumerate(sizes):
+        d = decoded[i] if decoded[i] is not None else _empty_decoded(model, vocabulary, multimask_output)
+        pred = finish_prediction(model, d, original_size, input_size, vocabulary=vocabulary,
+                                 multimask_output=multimask_output)
+        pred.prompt = prompt_sets[i]
+        preds.append(pred)
+    return preds

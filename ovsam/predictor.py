@@ -118,11 +118,11 @@ class OvsamPredictor:
         )
 
     def get_image_embedding(self) -> torch.Tensor:
-        """The image embedding ``[1, C, S/16, S/16]`` of the current image."""
+        """The image embedding ``[1, C, S/16, S/16]`` (float32) of the current image."""
         self._require_image()
         if isinstance(self.model, OvsamModel):
-            return self.features.image_embeddings
-        return self.features
+            return self.features.image_embeddings.float()
+        return self.features.float()
 
     def reset_image(self) -> None:
         self.is_image_set = False

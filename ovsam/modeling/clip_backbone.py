@@ -106,6 +106,29 @@ def backbone_forward(visual: nn.Module, x: torch.Tensor, num_stages: int = 4) ->
     return feats
 
 
+def attention_pool_first_token(pool: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """CLIP's ``AttentionPool2d`` output for ``feats`` ``[N, C, h, w]``, computing only what that output needs.
+
+    The pool runs multi-head attention over the ``h*w + 1`` tokens (the mean token first) and keeps the first
+    token's output. So only that token's query is needed, and no key or value is ever projected: for head ``h``,
+    ``q_h . (W_k,h x_i + b_k,h) = (W_k,h^T q_h) . x_i + q_h . b_k,h``, whose last term is the same for every token
+    and cancels in the softmax, and ``sum_i a_hi (W_v,h x_i + b_v,h) = W_v,h (sum_i a_hi x_i) + b_v,h`` since the
+    weights sum to one. Equal to ``pool(feats)`` up to float rounding, at about ``4 C^2 + 4 H (h w + 1) C``
+    multiply-adds per region instead of ``3 (h w + 1) C^2``. Returns ``[N, output_dim]``.
+    """
+    n, c = feats.shape[:2]
+    heads = pool.num_heads
+    d = c // heads
+    x = feats.flatten(2).transpose(1, 2)  # [N, hw, C]
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)
+    q = F.linear(x[:, 0], pool.q_proj.weight, pool.q_proj.bias) * d ** -0.5  # [N, C]
+    u = torch.einsum("nhd,hdc->nhc", q.view(n, heads, d), pool.k_proj.weight.view(heads, d, c))
+    attn = torch.einsum("nhc,ntc->nht", u, x).softmax(dim=-1)
+    z = torch.einsum("nht,ntc->nhc", attn.to(x.dtype), x)
+    out = torch.einsum("nhc,hdc->nhd", z, pool.v_proj.weight.view(heads, d, c)).reshape(n, c) + pool.v_proj.bias
+    return pool.c_proj(out)
+
+
 class ClipBackbone(nn.Module):
     """The frozen CLIP image trunk, returning the four stage outputs (strides 4, 8, 16, 32).
 
@@ -161,7 +184,7 @@ class ClipBackbone(nn.Module):
         """
         feats = roi_align(c5, rois, output_size=self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0,
                           aligned=True)
-        return self.visual.attnpool(feats)
+        return attention_pool_first_token(self.visual.attnpool, feats)
 
     @torch.no_grad()
     def mask_embeddings(self, c5: torch.Tensor, image_index: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:

@@ -256,6 +256,7 @@ def test_export_released_layout(tiny, tmp_path):
 def test_tiny_export_and_convert_back(tiny, tmp_path, caplog, wrap):
     paths = _tiny_files(tiny, tmp_path / "files", wrap=wrap)
     caplog.set_level(logging.INFO, logger="ovsam.checkpoint")
+    caplog.set_level(logging.INFO, logger="ovsam.convert")
     out = tmp_path / "out" / "tiny.safetensors"
     again = convert_official(clip=paths["clip"], sam=paths["sam"], sam2clip=paths["sam2clip"],
                              clip2sam=paths["clip2sam"], model="ovsam-tiny", output=out)
@@ -296,6 +297,7 @@ def test_prompt_encoder_copy_in_clip2sam_is_checked(tiny, tmp_path, caplog):
           if k.startswith("prompt_encoder.")}
     files = {role: paths[role] for role in ("clip", "sam", "sam2clip")}
     caplog.set_level(logging.INFO, logger="ovsam.checkpoint")
+    caplog.set_level(logging.INFO, logger="ovsam.convert")
 
     torch.save(clip2sam | pe, paths["clip2sam"])
     model = convert_official(**files, clip2sam=paths["clip2sam"], model="ovsam-tiny")
