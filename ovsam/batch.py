@@ -297,13 +297,15 @@ def _decode_chunk(model, features, index, single_image, points, boxes, mask_inpu
     with P.autocast(model, like):
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         if isinstance(model, SamModel):
-            low_res, iou = model.mask_decoder(
-                image_embeddings=features[single_image : single_image + 1],
-                image_pe=model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
+            dtype = P.decoder_dtype(model)
+            with torch.autocast(like.device.type, enabled=False):
+                low_res, iou = model.mask_decoder(
+                    image_embeddings=features[single_image : single_image + 1].to(dtype),
+                    image_pe=model.prompt_encoder.get_dense_pe().to(dtype),
+                    sparse_prompt_embeddings=sparse.to(dtype),
+                    dense_prompt_embeddings=dense.to(dtype),
+                    multimask_output=multimask_output,
+                )
             return DecodedPrompts(low_res=low_res.float(), iou=iou.float())
         low_res, _ = model.decode(features, index, sparse, dense)
         low_res = low_res.float()

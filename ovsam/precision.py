@@ -78,16 +78,36 @@ def conv_memory_format(model: Any) -> torch.memory_format:
     return torch.contiguous_format if model_precision(model) == "fp32" else torch.channels_last
 
 
+def decoder_modules(model: Any) -> list[torch.nn.Module]:
+    """The prompt decoder's modules that run wholly in the compute dtype (see :func:`set_precision`)."""
+    head = model.mask_decoder
+    if hasattr(head, "label_token"):  # OvsamHead: the label-token decoder, not the recognition layers
+        return [head.mask_decoder, head.label_token]
+    return [head]
+
+
+def decoder_dtype(model: Any) -> torch.dtype:
+    """The dtype the prompt decoder computes in (its weights' dtype)."""
+    return next(decoder_modules(model)[0].parameters()).dtype
+
+
 def set_precision(model: Any, precision: str) -> Any:
     """Resolve ``precision`` for the model's device and apply it: records ``model.precision`` and puts the conv
-    trunk in the matching memory format. The weights stay float32; autocast casts them per call."""
+    trunk in the matching memory format.
+
+    The image encoder and the recognition layers keep float32 weights and run under autocast. The prompt
+    decoder, whose cost is elementwise work on every prompt's copy of the image embedding, is cast to the compute
+    dtype and runs outside autocast, so its activations stay in that dtype instead of widening to float32 at
+    every residual sum and norm (as SAM's reference bf16 ports do)."""
     resolved = resolve_precision(precision, model.device)
     model.precision = resolved
     trunk = getattr(getattr(model, "backbone", None), "visual", None)
     if trunk is not None:
         trunk.to(memory_format=conv_memory_format(model))
+    for module in decoder_modules(model):
+        module.to(DTYPES[resolved])
     return model
 
 
-__all__ = ["PRECISIONS", "DTYPES", "autocast", "conv_memory_format", "full_precision", "model_precision",
-           "native_bf16", "resolve_precision", "set_precision"]
+__all__ = ["PRECISIONS", "DTYPES", "autocast", "conv_memory_format", "decoder_dtype", "decoder_modules",
+           "full_precision", "model_precision", "native_bf16", "resolve_precision", "set_precision"]

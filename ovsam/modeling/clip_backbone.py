@@ -122,11 +122,13 @@ def attention_pool_first_token(pool: nn.Module, feats: torch.Tensor) -> torch.Te
     x = feats.flatten(2).transpose(1, 2)  # [N, hw, C]
     x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)
     q = F.linear(x[:, 0], pool.q_proj.weight, pool.q_proj.bias) * d ** -0.5  # [N, C]
-    u = torch.einsum("nhd,hdc->nhc", q.view(n, heads, d), pool.k_proj.weight.view(heads, d, c))
-    attn = torch.einsum("nhc,ntc->nht", u, x).softmax(dim=-1)
-    z = torch.einsum("nht,ntc->nhc", attn.to(x.dtype), x)
-    out = torch.einsum("nhc,hdc->nhd", z, pool.v_proj.weight.view(heads, d, c)).reshape(n, c) + pool.v_proj.bias
-    return pool.c_proj(out)
+    dtype = q.dtype  # the autocast dtype, if any: einsum is not autocast, so its operands are cast here
+    x = x.to(dtype)
+    u = torch.einsum("nhd,hdc->nhc", q.view(n, heads, d), pool.k_proj.weight.to(dtype).view(heads, d, c))
+    attn = torch.einsum("nhc,ntc->nht", u, x).float().softmax(dim=-1).to(dtype)
+    z = torch.einsum("nht,ntc->nhc", attn, x)
+    out = torch.einsum("nhc,hdc->nhd", z, pool.v_proj.weight.to(dtype).view(heads, d, c)).reshape(n, c)
+    return pool.c_proj(out + pool.v_proj.bias.to(dtype))
 
 
 class ClipBackbone(nn.Module):

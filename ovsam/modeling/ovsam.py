@@ -114,10 +114,14 @@ class OvsamModel(nn.Module):
         dense: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the label-token decoder for N encoded prompts. Returns ``mask_logits [N, 1, s, s]`` (s = 4 x the
-        embedding grid) and ``label_query [N, C]``."""
-        return self.mask_decoder(
-            features.image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, image_index=image_index
-        )
+        embedding grid) and ``label_query [N, C]``, in the decoder's dtype: the decoder runs outside autocast, on
+        inputs cast to its weights' dtype (float32 unless a reduced precision cast it)."""
+        dtype = self.mask_decoder.label_token.weight.dtype
+        with torch.autocast(sparse.device.type, enabled=False):
+            return self.mask_decoder(
+                features.image_embeddings.to(dtype), self.prompt_encoder.get_dense_pe().to(dtype), sparse.to(dtype),
+                dense.to(dtype), image_index=image_index
+            )
 
     # --- recognition --------------------------------------------------------------------------------------------
     def region_embeddings(
