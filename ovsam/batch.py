@@ -307,7 +307,7 @@ def _decode_chunk(model, features, index, single_image, points, boxes, mask_inpu
                     multimask_output=multimask_output,
                 )
             return DecodedPrompts(low_res=low_res.float(), iou=iou.float())
-        low_res, _ = model.decode(features, index, sparse, dense)
+        low_res, _ = model.decode(features, index, sparse, dense, dense_shared=mask_input is None)
         low_res = low_res.float()
         roi_boxes = R.boxes_from_mask_logits(low_res, scale=model.image_size / low_res.shape[-1],
                                              rule=model.config.recognition.roi_box)

@@ -112,15 +112,17 @@ class OvsamModel(nn.Module):
         image_index: torch.Tensor,
         sparse: torch.Tensor,
         dense: torch.Tensor,
+        dense_shared: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the label-token decoder for N encoded prompts. Returns ``mask_logits [N, 1, s, s]`` (s = 4 x the
         embedding grid) and ``label_query [N, C]``, in the decoder's dtype: the decoder runs outside autocast, on
-        inputs cast to its weights' dtype (float32 unless a reduced precision cast it)."""
+        inputs cast to its weights' dtype (float32 unless a reduced precision cast it). ``dense_shared``: no
+        prompt has a mask input, so all share one dense embedding (see :meth:`OvsamHead.forward`)."""
         dtype = self.mask_decoder.label_token.weight.dtype
         with torch.autocast(sparse.device.type, enabled=False):
             return self.mask_decoder(
                 features.image_embeddings.to(dtype), self.prompt_encoder.get_dense_pe().to(dtype), sparse.to(dtype),
-                dense.to(dtype), image_index=image_index
+                dense.to(dtype), image_index=image_index, dense_shared=dense_shared
             )
 
     # --- recognition --------------------------------------------------------------------------------------------

@@ -190,3 +190,25 @@ def test_cuda_agrees_with_cpu(tiny_model, tiny_vocab, precision):
     np.testing.assert_array_equal(got.labels, ref.labels)
     inter = (got.masks & ref.masks).sum(axis=(1, 2))
     assert (inter / np.maximum((got.masks | ref.masks).sum(axis=(1, 2)), 1)).mean() >= 0.95
+
+
+def test_shared_first_layer_equals_the_two_way_transformer(tiny_model):
+    """Prompts without a mask input share the image tokens entering the decoder; projecting them once per image
+    gives the transformer's results on per-prompt copies."""
+    head = tiny_model.mask_decoder
+    torch.manual_seed(0)
+    emb = tiny_model.neck.grid_size
+    c = head.label_token.weight.shape[1]
+    images = torch.randn(2, c, emb, emb)
+    pe = tiny_model.prompt_encoder.get_dense_pe()
+    boxes = torch.tensor([[10., 20, 100, 200], [0, 0, 256, 256], [50, 60, 70, 90], [5, 5, 30, 200]])
+    sparse, dense = tiny_model.prompt_encoder(points=None, boxes=boxes, masks=None)
+    index = torch.tensor([1, 0, 1, 1])
+    with torch.no_grad():
+        shared = head(images, pe, sparse, dense, image_index=index, dense_shared=True)
+        copies = head(images, pe, sparse, dense, image_index=index, dense_shared=False)
+        one = head(images[:1], pe, sparse, dense, image_index=torch.zeros(4, dtype=torch.long), dense_shared=True)
+        one_ref = head(images[:1], pe, sparse, dense, dense_shared=False)
+    for a, b in ((shared, copies), (one, one_ref)):
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
