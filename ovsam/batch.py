@@ -319,9 +319,14 @@ def _decode_chunk(model, features, index, single_image, points, boxes, mask_inpu
     out = DecodedPrompts(low_res=low_res, iou=stability_score(low_res), head=regions.head_embeddings,
                          clip=regions.clip_embeddings, valid=regions.clip_valid)
     if vocabulary is not None:
+        # dot products in the compute dtype, logits and the ensemble in float32
+        dtype = P.DTYPES[P.model_precision(model)]
+        if hasattr(vocabulary, "prototypes"):
+            text = vocabulary.prototypes(low_res.device, dtype)
+        else:  # any object with Vocabulary's embeddings and indicator
+            text = R.ClassPrototypes.from_padded(vocabulary.embeddings.float()).to(low_res.device, dtype)
         with P.full_precision(low_res):
-            out.scores = model.classify(regions, vocabulary.embeddings.to(low_res.device),
-                                        vocabulary.indicator.to(low_res.device))
+            out.scores = model.classify(regions, text, vocabulary.indicator.to(low_res.device))
     return out
 
 

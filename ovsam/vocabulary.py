@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .class_lists import (BASE, BUILTINS, EXCLUDED, NOVEL, SPLIT_NAMES, builtin_class_list,  # noqa: F401
                           plain_synonyms, split_label)
+from .modeling.recognition import ClassPrototypes
 from .templates import VILD_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -331,6 +332,20 @@ class Vocabulary:
             split=None if self.split is None else self.split[idx], clip_model=self.clip_model,
             templates=self.templates,
         )
+
+    def prototypes(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ClassPrototypes:
+        """The embeddings without their padding (:class:`~ovsam.modeling.recognition.ClassPrototypes`) on
+        ``device`` in ``dtype``: what the prediction functions classify against. Made once per device and dtype."""
+        cache = self.__dict__.setdefault("_prototypes", {})
+        key = (str(torch.device(device)), dtype)
+        if key not in cache:
+            if "base" not in cache:
+                cache["base"] = ClassPrototypes.from_padded(self.embeddings.detach().float().cpu())
+            cache[key] = cache["base"].to(device, dtype)
+        return cache[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_prototypes"}
 
     def to(self, device: str | torch.device) -> Vocabulary:
         """The same vocabulary with its embeddings on ``device`` (same content hash)."""

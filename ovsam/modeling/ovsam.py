@@ -160,8 +160,10 @@ class OvsamModel(nn.Module):
             clip_emb = self.backbone.mask_embeddings(c5, image_index, mask_logits)
         return RegionOutput(head_emb, clip_emb, valid)
 
-    def classify(self, regions: RegionOutput, text: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
-        """Fused log-scores ``[N, C + 1]`` for region embeddings against text prototypes ``[C, P, D]``."""
+    def classify(self, regions: RegionOutput, text: torch.Tensor | R.ClassPrototypes, indicator: torch.Tensor
+                 ) -> torch.Tensor:
+        """Fused log-scores ``[N, C + 1]`` for region embeddings against text prototypes ``[C, P, D]`` (or
+        :class:`~ovsam.modeling.recognition.ClassPrototypes`)."""
         rec = self.config.recognition
         q = R.class_logits(regions.head_embeddings, text, rec.logit_scale)
         c = None if regions.clip_embeddings is None else R.class_logits(regions.clip_embeddings, text, rec.logit_scale)

@@ -3,6 +3,8 @@ classifier with max over synonyms, and the geometric ensemble with the frozen-CL
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -96,21 +98,58 @@ def multilevel_roi_align(
     return out
 
 
+@dataclass(frozen=True)
+class ClassPrototypes:
+    """A vocabulary's text prototypes without padding: ``vectors`` ``[M, D]`` unit-norm, ``owner`` ``[M]`` the
+    class of each (int64), ``num_classes`` C. The classifier then costs M dot products per region rather than
+    C x P (ImageNet-21k: 40,737 synonyms against 21,841 x 15 padded slots)."""
+
+    vectors: torch.Tensor
+    owner: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def from_padded(cls, text: torch.Tensor) -> "ClassPrototypes":
+        """From ``[C, P, D]`` prototypes whose short classes repeat their first vector: the repeats are dropped
+        (a repeated vector cannot change a max)."""
+        c, p, _ = text.shape
+        keep = torch.ones(c, p, dtype=torch.bool, device=text.device)
+        if p > 1:
+            keep[:, 1:] = (text[:, 1:] != text[:, :1]).any(dim=-1)
+        owner = torch.arange(c, device=text.device)[:, None].expand(c, p)[keep]
+        return cls(text[keep], owner, c)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype) -> "ClassPrototypes":
+        return ClassPrototypes(self.vectors.to(device=device, dtype=dtype), self.owner.to(device), self.num_classes)
+
+
 def class_logits(
-    embeddings: torch.Tensor, text: torch.Tensor, logit_scale: float, chunk_size: int = 4096
+    embeddings: torch.Tensor, text: torch.Tensor | ClassPrototypes, logit_scale: float, chunk_size: int = 4096
 ) -> torch.Tensor:
     """Cosine classifier: ``exp(logit_scale) * max_p <normalize(f_n), t_{k,p}>`` plus a background column of 0.
 
-    ``embeddings`` ``[N, D]``; ``text`` ``[C, P, D]`` unit-norm class prototypes. Returns ``[N, C + 1]``
-    (background last). Classes are processed in chunks of ``chunk_size``.
+    ``embeddings`` ``[N, D]``; ``text`` ``[C, P, D]`` unit-norm class prototypes (processed in chunks of
+    ``chunk_size`` classes), or :class:`ClassPrototypes`, whose dot products are taken in its vectors' dtype
+    (float32, or the compute dtype of a reduced precision) and accumulated into float32 logits. Returns
+    ``[N, C + 1]`` float32 (background last).
     """
-    f = F.normalize(embeddings, dim=-1)
+    f = F.normalize(embeddings.float(), dim=-1)
+    scale = torch.tensor(logit_scale, dtype=torch.float32, device=f.device).exp()
+    if isinstance(text, ClassPrototypes):
+        sims = (f.to(text.vectors.dtype) @ text.vectors.T).float()
+        n, c = f.shape[0], text.num_classes
+        if sims.shape[1] == c:  # one prototype per class, in class order
+            best = sims
+        else:
+            best = sims.new_full((n, c), -torch.inf).scatter_reduce_(
+                1, text.owner[None].expand(n, -1), sims, "amax")
+        logits = best * scale
+        return torch.cat([logits, logits.new_zeros(n, 1)], dim=1)
     text = text.to(device=f.device, dtype=f.dtype)
     parts = [
         torch.einsum("nd,cpd->ncp", f, text[i : i + chunk_size]).max(dim=-1).values
         for i in range(0, text.shape[0], chunk_size)
     ]
-    scale = torch.tensor(logit_scale, dtype=torch.float32, device=f.device).exp()
     logits = torch.cat(parts, dim=1) * scale
     return torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], dim=1)
 
@@ -162,5 +201,5 @@ def fused_probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "BASE", "NOVEL", "EXCLUDED", "EXCLUDED_SCORE", "boxes_from_mask_logits", "boxes_from_masks", "largest_components", "roi_levels",
-    "multilevel_roi_align", "class_logits", "mask_valid_for_clip", "fuse_scores", "fused_probabilities",
+    "multilevel_roi_align", "ClassPrototypes", "class_logits", "mask_valid_for_clip", "fuse_scores", "fused_probabilities",
 ]

@@ -212,3 +212,26 @@ def test_shared_first_layer_equals_the_two_way_transformer(tiny_model):
     for a, b in ((shared, copies), (one, one_ref)):
         torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+
+
+def test_unpadded_prototypes_classify_like_the_padded_ones():
+    from ovsam import Vocabulary
+    from ovsam.modeling import recognition as R
+
+    torch.manual_seed(0)
+    synonyms = [["a"], ["b", "bb", "bbb"], ["c", "cc"], ["d"]]
+    emb = torch.nn.functional.normalize(torch.randn(4, 3, 16), dim=-1)
+    for i, syn in enumerate(synonyms):
+        emb[i, len(syn):] = emb[i, 0]
+    vocab = Vocabulary(["a", "b", "c", "d"], synonyms, emb, clip_model="x")
+    protos = vocab.prototypes()
+    assert protos.vectors.shape == (7, 16) and protos.owner.tolist() == [0, 1, 1, 1, 2, 2, 3]
+    regions = torch.randn(5, 16)
+    torch.testing.assert_close(R.class_logits(regions, protos, 4.6), R.class_logits(regions, emb, 4.6))
+    low = R.class_logits(regions, vocab.prototypes("cpu", torch.bfloat16), 4.6)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, R.class_logits(regions, emb, 4.6), atol=0.5, rtol=0.01)
+    assert vocab.prototypes() is protos  # cached
+    single = Vocabulary(["a", "b"], [["a"], ["b"]], emb[:2, :1], clip_model="x")
+    torch.testing.assert_close(R.class_logits(regions, single.prototypes(), 4.6),
+                               R.class_logits(regions, single.embeddings, 4.6))
