@@ -168,6 +168,7 @@ def evaluate_samples(
 def _gt_box_head_labels(model: Any, images: list[np.ndarray], targets: list[dict[str, Any]],
                         text: torch.Tensor) -> list[np.ndarray]:
     """Top-1 labels of the CLIP2SAM classifier alone on RoIs of the GT boxes (the training protocol), per image."""
+    from . import precision as P
     from . import transforms as T
     from .batch import encode_images, prepare_image
 
@@ -182,9 +183,11 @@ def _gt_box_head_labels(model: Any, images: list[np.ndarray], targets: list[dict
     rec = model.config.recognition
     all_boxes = torch.cat(boxes).to(model.device)
     rois = torch.cat([torch.cat(index).to(model.device)[:, None].float(), all_boxes], dim=1)
-    feats = R.multilevel_roi_align(features.fpn_feats, rois, model.config.neck.strides, rec.roi_size,
-                                   rec.finest_scale)
-    labels = R.class_logits(model.mask_decoder.roi_embeddings(feats), text, rec.logit_scale)[:, :-1].argmax(1)
+    with P.autocast(model, all_boxes):  # at the model's precision, as the prediction functions run
+        feats = R.multilevel_roi_align(features.fpn_feats, rois, model.config.neck.strides, rec.roi_size,
+                                       rec.finest_scale)
+        embeddings = model.mask_decoder.roi_embeddings(feats).float()
+    labels = R.class_logits(embeddings, text, rec.logit_scale)[:, :-1].argmax(1)
     return np.split(labels.cpu().numpy(), np.cumsum([len(b) for b in boxes])[:-1])
 
 

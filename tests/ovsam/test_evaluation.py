@@ -126,3 +126,17 @@ def test_evaluate_samples_runs_the_model(tiny):
         E.evaluate_samples(model, [(np.zeros((8, 8, 3), np.uint8), {"labels": np.array([0]),
                                                                     "boxes": np.zeros((1, 4))})], vocab,
                            prompt="point")
+
+
+def test_evaluate_samples_at_bf16_agrees_with_fp32(tiny):
+    import copy
+
+    from ovsam.precision import set_precision
+
+    model, vocab = tiny
+    low = set_precision(copy.deepcopy(model), "bf16")
+    ref = E.InstanceMetric.summary(E.evaluate_samples(model, _samples(), vocab, prompt="box").sums)
+    got = E.InstanceMetric.summary(E.evaluate_samples(low, _samples(), vocab, prompt="box").sums)
+    assert got["count"] == ref["count"] == 4
+    assert got["acc"] == ref["acc"] and got["gt_box_acc"] == ref["gt_box_acc"]
+    assert abs(got["miou"] - ref["miou"]) < 0.02
