@@ -1,0 +1,1 @@
+"""GPU benchmark scripts: `bash bench/gpu/run.sh` (see bench/README.md)."""
