@@ -28,9 +28,15 @@ The numbers:
 - job ``wall``: images / the whole ``run_annotate`` call (driver-side model and vocabulary build, run.json, actor
   start-up, every shard); ``run``: images / the actor pool's run (actor start-up and every shard); ``steady``:
   images / the busiest actor's time inside ``process`` (summed per-shard seconds, so actor start-up excluded);
-- the per-stage breakdown from the workers' shard summaries, in ms per image: ``read_decode`` is time the worker
-  waited for decoded samples (decoding itself runs on a thread pool overlapping the model), ``model`` the
-  ``Annotator`` calls, ``write`` the Parquet write and commit, ``other`` the rest of ``process``;
+- the per-stage breakdown of the workers' model thread from the shard summaries, in ms per image: ``wait_input``
+  is time it waited for decoded samples (reading, decoding and resizing run on other threads, ahead of it),
+  ``model`` the model part (``Annotator.run_model``: backbone, prompts, mask decoding, labels), ``wait_rows`` time
+  it waited for the row thread (RLE and row building run there, overlapping the model), ``write`` the Parquet
+  write and commit, ``other`` the rest of ``process``; then the helper threads' busy time (``read``, ``decode``,
+  ``prepare``, ``rows``), which overlaps the model's;
+- ``model busy``: the job summary's model-busy %, time inside model calls / actor processing wall (summed over
+  shards, each from the start of its processing to its commit). The model-only loop does the row building on the
+  model's own thread, so its ms/image is not the job's ``model`` ms/image;
 - ``ratio``: job steady images/s over the model-only reference, where the reference is model-only images/s times
   the number of actors (each actor runs torch on its own T threads; with several actors this assumes linear
   scaling, so keep actors x cpus-per-worker within the physical cores). ``ratio_wall`` uses the wall rate;
@@ -82,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="sidecar", choices=("sidecar", "whole-image", "grid"),
                    help="sidecar: the corpus's 3-10 boxes per image; whole-image: one box; grid: everything mode")
     p.add_argument("--points-per-side", type=int, default=16, help="grid density for --prompts grid")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="model precision, in both measurements (default: auto, as the job; resolved for the CPU)")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--images-per-shard", type=int, default=64)
     p.add_argument("--image-size", default=DEFAULT_SIZES,
@@ -204,6 +212,7 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
     stages = summary.stage_seconds()
     shard_seconds = sum(s["seconds"] for s in summary.per_shard)
     stages["other"] = max(0.0, shard_seconds - sum(stages.values()))
+    background = summary.background_seconds()
     return {"images": images, "prompts": prompts, "instances": summary.instances, "statuses": summary.statuses(),
             "shards": len(summary.per_shard), "actors": actors,
             "wall_s": wall, "run_s": summary.seconds, "steady_s": steady,
@@ -213,6 +222,10 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
             "actor_cpu_s_total": None if cpu is None else cpu[0],
             "actor_cpu_s_steady": None if cpu is None else cpu[1],
             "stage_ms_per_image": {k: 1000.0 * v / max(images, 1) for k, v in stages.items()},
+            "background_ms_per_image": {k: 1000.0 * v / max(images, 1) for k, v in background.items()},
+            "model_busy_pct": summary.model_busy_pct, "model_s": summary.model_seconds,
+            "precisions": summary.precisions(),
+            "threads": sorted({json.dumps(s.get("threads"), sort_keys=True) for s in summary.per_shard}),
             "stage_fraction": {k: v / shard_seconds for k, v in stages.items()} if shard_seconds else {}}
 
 
@@ -253,7 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[bench] corpus: {corpus.images} images ({corpus.boxes_per_image:.1f} boxes/image, "
               f"{corpus.jpeg_bytes / corpus.images / 1024:.0f} KiB/JPEG) in {corpus_s:.1f}s", flush=True)
         stage = ModelStageConfig(model=args.model, checkpoint=args.checkpoint, vocabulary=args.vocabulary,
-                                 prompts=args.prompts, points_per_side=args.points_per_side)
+                                 prompts=args.prompts, points_per_side=args.points_per_side,
+                                 precision=args.precision)
         decoded, decode = measure_decode(list(corpus.shard_paths), require_prompts=args.prompts == "sidecar")
         print(f"[bench] decode (1 thread): {decode['images_per_s']:.1f} images/s", flush=True)
         from pipeline.stages import Annotator
@@ -263,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_s = time.perf_counter() - t
         load = {"before": os.getloadavg()[0]}
         model_before = measure_model_only(annotator, decoded, args.batch_size, cpus, args.warmup_batches)
-        print(f"[bench] model-only ({cpus} threads): {model_before['images_per_s']:.2f} images/s", flush=True)
+        print(f"[bench] model-only ({cpus} threads, {annotator.precision}): {model_before['images_per_s']:.2f} "
+              "images/s", flush=True)
 
         started_ray = not ray.is_initialized()
         t = time.perf_counter()
@@ -283,6 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load["after_job"] = os.getloadavg()[0]
         model_after = measure_model_only(annotator, decoded, args.batch_size, cpus, args.warmup_batches)
         print(f"[bench] model-only again ({cpus} threads): {model_after['images_per_s']:.2f} images/s", flush=True)
+        model_precision = annotator.precision
         del decoded, annotator
         # The job ran between the two model-only passes; their pooled rate is the reference, so a change of
         # machine load during the run moves both sides alike (their difference is reported as the drift).
@@ -294,14 +310,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "boxes_per_s": 2 * model_before["prompts"] / seconds,
                       "images_per_s_before": model_before["images_per_s"],
                       "images_per_s_after": model_after["images_per_s"],
-                      "drift": model_after["images_per_s"] / model_before["images_per_s"] - 1.0, "build_s": build_s}
+                      "drift": model_after["images_per_s"] / model_before["images_per_s"] - 1.0, "build_s": build_s,
+                      "precision": model_precision}
         reference = model_only["images_per_s"] * job["actors"]
         result = {
             "settings": {"model": args.model, "checkpoint": args.checkpoint, "vocabulary": args.vocabulary,
                          "prompts": args.prompts, "shards": args.shards, "images_per_shard": args.images_per_shard,
                          "image_sizes": [f"{w}x{h}" for w, h in sizes], "batch_size": args.batch_size,
                          "workers": args.workers, "cpus_per_worker": cpus, "ray_cpus": ray_cpus,
-                         "warmup_batches": args.warmup_batches},
+                         "warmup_batches": args.warmup_batches, "precision": args.precision},
             "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
                         "device": "cpu", "load_average_1min": load, "driver_niceness": os.nice(0)},
             "corpus": {"images": corpus.images, "boxes": corpus.boxes, "boxes_per_image": corpus.boxes_per_image,
@@ -336,7 +353,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"model {s['model']}  prompts {s['prompts']}  {r['corpus']['images']} images "
         f"({s['shards']} shards, {', '.join(s['image_sizes'])}), {r['corpus']['boxes_per_image']:.1f} boxes/image  "
         f"batch {s['batch_size']}  workers {s['workers']} x {s['cpus_per_worker']} CPUs  "
-        f"(actor torch threads {r['actor_torch_threads'].get('torch_threads')})",
+        f"(actor torch threads {r['actor_torch_threads'].get('torch_threads')})  precision {s.get('precision')} -> "
+        f"model-only {mo.get('precision')}, job {', '.join(job.get('precisions', [])) or '?'}",
         f"{'':28}{'images/s':>10}{'boxes/s':>10}{'seconds':>10}",
         f"{'decode only (1 thread)':28}{r['decode']['images_per_s']:10.2f}{'':>10}{r['decode']['seconds']:10.1f}",
         f"{'model only (' + str(mo['torch_threads']) + ' threads)':28}{mo['images_per_s']:10.2f}"
@@ -347,8 +365,11 @@ def format_table(r: dict[str, Any]) -> str:
         f"{'job, actor pool run':28}{job['images_per_s_run']:10.2f}{'':>10}{job['run_s']:10.1f}",
         f"{'job, wall (run_annotate)':28}{job['images_per_s_wall']:10.2f}{job['boxes_per_s_wall']:10.1f}"
         f"{job['wall_s']:10.1f}",
-        "job stages, ms/image: " + ", ".join(f"{k} {v:.1f} ({100 * job['stage_fraction'].get(k, 0):.0f}%)"
-                                             for k, v in job["stage_ms_per_image"].items()),
+        "job model thread, ms/image: " + ", ".join(f"{k} {v:.1f} ({100 * job['stage_fraction'].get(k, 0):.0f}%)"
+                                                   for k, v in job["stage_ms_per_image"].items()),
+        "job helper threads (overlapping), ms/image: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in job.get("background_ms_per_image", {}).items()),
+        f"job model busy: {job['model_busy_pct']:.0f}% (time inside model calls / actor processing wall)",
         f"model-only ms/image: {1000 * mo['seconds'] / mo['images']:.1f}   "
         f"decode-only ms/image: {1000 * r['decode']['seconds'] / r['decode']['images']:.1f}",
         f"ratio job/model-only: {r['ratio']:.2f} steady, {r['ratio_wall']:.2f} wall",

@@ -8,8 +8,15 @@ Launch:
         --model ovsam-rn50x16 --checkpoint ovsam_coco.safetensors --vocabulary lvis --prompts sidecar
     ray job submit --working-dir . -- python -m jobs.annotate --input ... --output ...
 
-A rerun with the same arguments skips committed shards; a rerun with a different model, weights, vocabulary or
-thresholds into the same output is refused (use a new --output, or --overwrite to discard the old run).
+A rerun with the same arguments skips committed shards; a rerun with a different model, weights, vocabulary,
+thresholds or precision into the same output is refused (use a new --output, or --overwrite to discard the old run).
+
+Precision: ``--precision auto`` (the default) computes in bf16 where the workers' device does so natively (CUDA
+GPUs of compute capability 8.0 or later, CPUs with AVX-512-BF16 or AMX) and in fp32 elsewhere. It is resolved once,
+on the driver, for the device the workers will use (GPU if the cluster has GPUs and ``--num-gpus-per-worker`` is
+not 0, else CPU), and the workers then run that resolved precision, which ``run.json`` records (requested and
+resolved) and the config hash includes. The driver judges from its own hardware: on a cluster whose workers differ
+from the driver's machine (e.g. GPU workers and a driver without CUDA), pass the precision explicitly.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from typing import Any
 from pipeline.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
+
+# ovsam.precision.PRECISIONS, spelled out so that building the parser does not import torch (a test checks they agree)
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-embeddings", action="store_true",
                    help="store float16 region embeddings so `ovsam relabel` can re-label without the images")
     p.add_argument("--points-per-side", type=int, default=16, help="grid density for --prompts grid")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="float type the model computes in: auto (bf16 where the workers' device computes it "
+                        "natively, else fp32; resolved on the driver), fp32 (as published), bf16, fp16 "
+                        "(default: auto); the resolved value enters run.json and the config hash")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the image encoder and prompt decoder (static shapes; slow first batches)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model batch")
     p.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, else per CPU)")
     p.add_argument("--num-gpus-per-worker", type=float, default=None)
@@ -88,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         raise ValueError("--storage-options must be a JSON object")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "precision", "auto") not in PRECISION_CHOICES:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {args.precision!r}")
     stage = ModelStageConfig(**{k: getattr(args, k) for k in ModelStageConfig.__dataclass_fields__
                                 if hasattr(args, k)})
     fields = {k: getattr(args, k) for k in AnnotateConfig.__dataclass_fields__
@@ -95,15 +113,47 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     return AnnotateConfig(inputs=tuple(args.inputs), stage=stage, storage_options=storage, **fields)
 
 
-def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_hash: str | None) -> dict[str, Any]:
-    """The settings that change results (and so the config hash)."""
+def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_hash: str | None,
+                  precision: str | None = None) -> dict[str, Any]:
+    """The settings that change results (and so the config hash). ``precision`` is the resolved precision the
+    workers run (``fp32``/``bf16``/``fp16``; default: ``cfg.stage.precision`` unless that is ``auto``, then fp32)."""
     st = cfg.stage
+    if precision is None:
+        precision = "fp32" if st.precision == "auto" else st.precision
     return {
         "model": st.model, "checkpoint_sha256": checkpoint_hash, "vocabulary": st.vocabulary,
         "vocabulary_hash": vocabulary_hash, "prompts": st.prompts, "detector_score_thresh": st.detector_score_thresh,
         "max_detections": st.max_detections, "top_k": st.top_k, "store_embeddings": st.store_embeddings,
-        "points_per_side": st.points_per_side, "max_pixels": cfg.max_pixels,
+        "points_per_side": st.points_per_side, "max_pixels": cfg.max_pixels, "precision": precision,
+        "compile": bool(st.compile),
     }
+
+
+def workers_device(cfg: AnnotateConfig) -> str:
+    """``cuda`` or ``cpu``: the device the job's workers will run the model on, judged before the actor pool is
+    planned. ``--num-gpus-per-worker`` decides when given; otherwise the cluster's GPUs when Ray is already
+    connected, else this machine's (``torch.cuda.is_available()``), which a local Ray instance would use."""
+    if cfg.num_gpus_per_worker is not None:
+        return "cuda" if cfg.num_gpus_per_worker > 0 else "cpu"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return "cuda" if float(ray.cluster_resources().get("GPU", 0.0)) >= 1 else "cpu"
+    except ImportError:
+        pass
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_job_precision(cfg: AnnotateConfig) -> tuple[str, str]:
+    """``(device, resolved precision)`` for the job's workers (see :func:`workers_device` and
+    ``ovsam.precision.resolve_precision``)."""
+    from ovsam.precision import resolve_precision
+
+    device = workers_device(cfg)
+    return device, resolve_precision(cfg.stage.precision, device)
 
 
 def _file_sha256(path: str | None) -> str | None:
@@ -164,7 +214,8 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     shards = expand_shards(list(cfg.inputs), cfg.storage_options)
     model = ovsam.build_ovsam(cfg.stage.model, checkpoint=cfg.stage.checkpoint)
     vocabulary = ovsam.Vocabulary.resolve(cfg.stage.vocabulary, model, progress=False)
-    hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash)
+    device, precision = resolve_job_precision(cfg)
+    hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash, precision)
     chash = config_hash(hashed)
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     ledger = Ledger(fs, root)
@@ -174,7 +225,8 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     if cfg.limit is not None:
         pending = pending[: cfg.limit]
     print(f"[annotate] {len(shards)} shards: {len(shards) - len([s for s in shards if s.name not in done])} "
-          f"committed, {len(pending)} to process", flush=True)
+          f"committed, {len(pending)} to process; precision {precision} on {device} workers"
+          + (f" (from {cfg.stage.precision})" if cfg.stage.precision != precision else ""), flush=True)
     if cfg.dry_run:
         for s in pending[:20]:
             print(f"  {s.name}  {s.url}")
@@ -188,6 +240,8 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
         return None
     public = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
     write_run_json(fs, root, {"config": public, "hashed": hashed, "config_hash": chash,
+                              "precision": {"requested": cfg.stage.precision, "resolved": precision,
+                                            "device": device, "compile": bool(cfg.stage.compile)},
                               "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
                                              "clip_model": vocabulary.clip_model},
                               "model_config": model.config.to_dict(), "versions": package_versions()})
@@ -198,9 +252,14 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
     plan = plan_cluster(cfg.workers, cfg.num_gpus_per_worker, cfg.cpus_per_worker)
-    stage = dataclasses.replace(cfg.stage, device="cuda" if plan.num_gpus > 0 else "cpu")
+    planned = "cuda" if plan.num_gpus > 0 else "cpu"
+    if planned != device and cfg.stage.precision == "auto":
+        logger.warning("--precision auto was resolved to %s for %s workers, but the workers run on %s; they run %s "
+                       "as recorded (pass --precision to choose)", precision, device, planned, precision)
+    # the workers run the precision resolved here, which is the one hashed and recorded in run.json
+    stage = dataclasses.replace(cfg.stage, device=planned, precision=precision)
     worker_cfg = WorkerConfig(output=cfg.output, stage=stage, config_hash=chash, batch_size=cfg.batch_size,
-                              decode_threads=max(1, int(plan.num_cpus)), max_pixels=cfg.max_pixels,
+                              cpus=plan.num_cpus, max_pixels=cfg.max_pixels,
                               storage_options=dict(cfg.storage_options))
     t0 = time.perf_counter()
     summary = run_shards(pending, worker_cfg, plan, on_progress=_print_progress,
@@ -209,7 +268,15 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     print(f"[annotate] done in {seconds:.1f}s: {len(summary.per_shard)} shards, {summary.images} images, "
           f"{summary.instances} instances ({summary.images / max(seconds, 1e-9):.2f} images/s)")
     print(f"[annotate] statuses: {json.dumps(summary.statuses(), sort_keys=True)}")
-    print("[annotate] stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds().items()))
+    print("[annotate] stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds().items())
+          + "; overlapped: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.background_seconds().items()))
+    if summary.per_shard:
+        print(f"[annotate] model busy {summary.model_busy_pct:.0f}% (time inside model calls "
+              f"{summary.model_seconds:.1f}s / actor processing wall {summary.actor_seconds:.1f}s, summed over "
+              f"shards); precision {', '.join(summary.precisions()) or precision}")
+    ran = [p for p in summary.precisions() if p != precision]
+    if ran:  # cannot happen while workers build the precision they are given; run.json would then be wrong
+        logger.error("workers ran precision %s, not the %s recorded in run.json", ", ".join(ran), precision)
     truncated = [s["shard"] for s in summary.per_shard if s["truncated"]]
     if truncated:
         print(f"[annotate] truncated shards (samples after the cut are missing): {', '.join(truncated)}")

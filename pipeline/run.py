@@ -4,7 +4,8 @@ Execution model: Ray tasks per shard on an actor pool, not Ray Data streaming. T
 (``instances/<shard>.parquet``, ``images/<shard>.parquet``, ``_manifest/<shard>.json`` committed last), and Ray
 Data's writers work per block with fresh names per run, so per-shard atomic commits would need an all-to-all
 regrouping. Instead each actor loads the model once and processes whole shards: it streams the tar, decodes on a
-thread pool (the actor's CPUs), runs the model in batches, RLE-encodes masks, and commits the shard. The driver
+thread pool ahead of the model, runs the model in batches, builds RLE rows on another thread while the model goes
+on (``pipeline/worker.py``), and commits the shard. The driver
 hands out shards, restarts work lost with a dead actor or node, and skips shards already committed. A shard is
 therefore done exactly once however often a job is killed and rerun; memory per worker is bounded by one shard.
 """
@@ -34,7 +35,9 @@ class ClusterPlan:
 
 @dataclass
 class RunSummary:
-    """What a run did. ``per_shard`` holds each processed shard's summary from the worker."""
+    """What a run did. ``per_shard`` holds each processed shard's summary from the worker
+    (``ShardWorker.process``: counts, ``timings``, ``background``, ``seconds``, ``model_seconds``,
+    ``model_busy_pct``, ``precision``, ...)."""
 
     shards_total: int
     shards_skipped: int
@@ -58,11 +61,44 @@ class RunSummary:
         return out
 
     def stage_seconds(self) -> dict[str, float]:
+        """The workers' model-thread times summed over shards (``wait_input``, ``model``, ``wait_rows``,
+        ``write``; see ``ShardWorker.process``)."""
         out: dict[str, float] = {}
         for s in self.per_shard:
             for k, v in s["timings"].items():
                 out[k] = out.get(k, 0.0) + v
         return out
+
+    def background_seconds(self) -> dict[str, float]:
+        """Busy time of the workers' helper threads (``read``, ``decode``, ``prepare``, ``rows``) summed over
+        shards; it overlaps the model's time."""
+        out: dict[str, float] = {}
+        for s in self.per_shard:
+            for k, v in s.get("background", {}).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    @property
+    def model_seconds(self) -> float:
+        """Time inside model calls, summed over shards."""
+        return sum(s.get("model_seconds", s["timings"].get("model", 0.0)) for s in self.per_shard)
+
+    @property
+    def actor_seconds(self) -> float:
+        """Actor processing wall time, summed over shards (each from the start of the shard's processing to its
+        commit; actor start-up and idle time between shards excluded)."""
+        return sum(s["seconds"] for s in self.per_shard)
+
+    @property
+    def model_busy_pct(self) -> float:
+        """Model-busy %: ``100 * model_seconds / actor_seconds``, i.e. time inside model calls over the actors'
+        processing wall time, both summed over shards (0 when nothing was processed)."""
+        wall = self.actor_seconds
+        return 100.0 * self.model_seconds / wall if wall > 0 else 0.0
+
+    def precisions(self) -> list[str]:
+        """The precisions the workers' models ran in (resolved names), sorted."""
+        return sorted({s["precision"] for s in self.per_shard if s.get("precision")})
 
 
 def plan_cluster(workers: int | None, num_gpus_per_worker: float | None, cpus_per_worker: float | None) -> ClusterPlan:

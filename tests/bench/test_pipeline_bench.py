@@ -40,7 +40,7 @@ def test_benchmark_reports_rates_and_ratio(tmp_path):
     # start-up is excluded from the steady rate only, so the rates are ordered
     assert job["images_per_s_steady"] >= job["images_per_s_run"] >= job["images_per_s_wall"]
     assert r["ratio"] > 0 and r["ratio"] == pytest.approx(job["images_per_s_steady"] / mo["images_per_s"])
-    assert set(job["stage_ms_per_image"]) == {"read_decode", "model", "write", "other"}
+    assert set(job["stage_ms_per_image"]) == {"wait_input", "model", "wait_rows", "write", "other"}
     assert job["stage_ms_per_image"]["model"] > 0
     # Ray gives a 1-CPU task one torch thread, the count the model-only loop used
     assert r["actor_torch_threads"]["torch_threads"] == mo["torch_threads"] == 1

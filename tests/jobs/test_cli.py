@@ -116,3 +116,32 @@ def test_models_lists_the_builtin_configs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ovsam.list_models()
     assert {"ovsam-rn50x16", "ovsam-tiny", "sam-vit-h"} <= set(ovsam.list_models())
+
+
+def test_annotate_precision_flags(capsys):
+    """--precision takes the model's choices and --compile a switch; both reach the model stage's config, and a
+    bad precision is a usage error before anything runs."""
+    import argparse
+
+    from jobs.annotate import PRECISION_CHOICES, add_arguments, config_from_args
+    from ovsam.precision import PRECISIONS
+
+    assert PRECISION_CHOICES == PRECISIONS
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    stage = config_from_args(p.parse_args(["--input", "x", "--output", "y"])).stage
+    assert (stage.precision, stage.compile) == ("auto", False)
+    stage = config_from_args(p.parse_args(["--input", "x", "--output", "y", "--precision", "bf16", "--compile"])).stage
+    assert (stage.precision, stage.compile) == ("bf16", True)
+    with pytest.raises(SystemExit) as info:
+        main(["annotate", "--input", "x", "--output", "y", "--precision", "int8"])
+    assert info.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_annotate_parser_imports_neither_torch_nor_ray():
+    code = ("import argparse, sys; from jobs.annotate import add_arguments; p = argparse.ArgumentParser(); "
+            "add_arguments(p); p.parse_args(['--input', 'x', '--output', 'y', '--precision', 'fp16']); "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -33,8 +33,9 @@ def corpus(tmp_path_factory):
     return root, expectations, vocab
 
 
-def _config(root, vocab, out, top_k=5, **kw) -> AnnotateConfig:
-    stage = ModelStageConfig(model="ovsam-tiny", vocabulary=str(vocab), top_k=top_k)
+def _config(root, vocab, out, top_k=5, precision="auto", compile=False, **kw) -> AnnotateConfig:
+    stage = ModelStageConfig(model="ovsam-tiny", vocabulary=str(vocab), top_k=top_k, precision=precision,
+                             compile=compile)
     return AnnotateConfig(inputs=(f"{root}/*.tar",), output=str(out), stage=stage, batch_size=4, workers=1,
                           cpus_per_worker=1, **kw)
 
@@ -112,3 +113,61 @@ def test_export_coco_loads_in_pycocotools(ray_local, corpus, tmp_path):
         assert match
         rle = {"size": match[0]["mask_rle"]["size"], "counts": match[0]["mask_rle"]["counts"].encode()}
         assert (mask == mask_utils.decode(rle).astype(bool)).all()
+
+
+def test_precision_is_resolved_recorded_and_hashed(ray_local, corpus, tmp_path, capsys):
+    """--precision auto is resolved on the driver for the CPU workers; run.json records requested and resolved, the
+    workers ran the resolved one, and a rerun with another precision into the same output is refused."""
+    from ovsam.precision import resolve_precision
+
+    root, _, vocab = corpus
+    out = tmp_path / "out"
+    summary = run_annotate(_config(root, vocab, out, limit=2))
+    resolved = resolve_precision("auto", "cpu")
+    record = json.loads((out / "run.json").read_text())
+    assert record["precision"] == {"requested": "auto", "resolved": resolved, "device": "cpu", "compile": False}
+    assert record["hashed"]["precision"] == resolved and record["hashed"]["compile"] is False
+    assert record["config"]["stage"]["precision"] == "auto"
+    assert summary.precisions() == [resolved] and all(s["precision"] == resolved for s in summary.per_shard)
+    # model-busy %, per shard and for the job
+    assert 0 < summary.model_busy_pct <= 100
+    assert summary.model_busy_pct == pytest.approx(100 * summary.model_seconds / summary.actor_seconds)
+    for s in summary.per_shard:
+        assert 0 < s["model_busy_pct"] <= 100 and s["model_seconds"] > 0
+    printed = capsys.readouterr().out
+    assert f"model busy {summary.model_busy_pct:.0f}%" in printed and f"precision {resolved}" in printed
+    # the same precision named explicitly is the same config: not refused, and the committed shards count as done
+    assert run_annotate(_config(root, vocab, out, precision=resolved, dry_run=True)) is None
+    assert "2 committed" in capsys.readouterr().out
+    other = "fp32" if resolved != "fp32" else "bf16"
+    with pytest.raises(ValueError, match=f"precision: '{resolved}' -> '{other}'"):
+        run_annotate(_config(root, vocab, out, precision=other))
+    with pytest.raises(ValueError, match="compile: False -> True"):
+        run_annotate(_config(root, vocab, out, compile=True))
+    assert annotate_main(["--input", f"{root}/*.tar", "--output", str(out), "--vocabulary", str(vocab),
+                          "--precision", other, "--dry-run"]) == 1
+    assert annotate_main(["--input", f"{root}/*.tar", "--output", str(out), "--vocabulary", str(vocab),
+                          "--precision", resolved, "--dry-run"]) == 0
+
+
+def test_precision_follows_the_workers_device(monkeypatch):
+    """The device "auto" is resolved for: --num-gpus-per-worker when given, else the cluster's GPUs."""
+    import ray
+
+    from jobs.annotate import resolve_job_precision, workers_device
+
+    cfg = AnnotateConfig(inputs=("x",), output="y")
+    with_gpu = AnnotateConfig(inputs=("x",), output="y", num_gpus_per_worker=1.0)
+    assert workers_device(with_gpu) == "cuda"
+    assert workers_device(AnnotateConfig(inputs=("x",), output="y", num_gpus_per_worker=0.0)) == "cpu"
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert workers_device(cfg) == "cuda"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert resolve_job_precision(cfg) == ("cuda", "fp32")  # no CUDA here to tell what the GPU computes
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert workers_device(cfg) == "cpu"
+    fp16 = AnnotateConfig(inputs=("x",), output="y", stage=ModelStageConfig(precision="fp16"))
+    assert resolve_job_precision(fp16) == ("cpu", "fp16")

@@ -144,3 +144,18 @@ def test_prompts_are_decoded_in_memory_bounded_chunks(vocab_file, monkeypatch):
     assert [r["detector_score"] for r in chunked[:7]] == props_scores
     for a, b in zip(whole, chunked):
         assert a["mask_rle"] == b["mask_rle"] and a["label"] == b["label"] and a["prompt_type"] == b["prompt_type"]
+
+
+def test_device_rle_rows_equal_host_rle_rows(vocab_file):
+    """On an accelerator the model part makes the RLE (ovsam.rle) and no dense mask leaves it; forced on the CPU,
+    the rows are those of the row thread's pycocotools encoding."""
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, top_k=2))
+    assert ann.device_rle is False  # CPU: encoded beside the model by the row thread
+    samples = lambda: [_sample("a", boxes=[[10, 10, 80, 60], [0, 0, 160, 120]], points=[[40, 40]]),  # noqa: E731
+                       _sample("b", h=91, w=67, seed=1, points=[[10, 10], [50, 60]])]
+    host = ann(samples())
+    ann.device_rle = True
+    device = ann(samples())
+    for a, b in zip(host, device):
+        assert a.image_row == b.image_row
+        assert a.instance_rows == b.instance_rows
