@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import model as model_bench
 from bench import scaling
@@ -118,3 +119,11 @@ def test_scripts_run_from_a_file_path():
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "--json" in proc.stdout
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The benchmarks set torch's thread count for their run (``--threads``); later tests keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -164,10 +164,10 @@ def test_compiled_models_decode_padded_chunks_with_the_same_results(tiny_model, 
     ref = predict_batch(tiny_model, images, prompts, tiny_vocab, prompt_chunk=4)
     got = predict_batch(padded, images, prompts, tiny_vocab, prompt_chunk=4)
     assert sizes == [4, 4]
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got):  # a chunk of 3 and one of 4 round differently at the last float32 digits
         assert len(a) == len(b)
-        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-5)
-        np.testing.assert_allclose(a.label_scores, b.label_scores, atol=1e-5)
+        np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, atol=1e-4)
+        np.testing.assert_allclose(a.label_scores, b.label_scores, atol=1e-4)
 
 
 def test_compile_equals_eager(tiny_model, tiny_vocab):
