@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovsam.runtime import freed_memory_kept
+
 # Benchmark image: 1024 x 768 (W x H) original pixels, resized so the long side is the model's input size.
 ORIGINAL_SIZE = (768, 1024)  # (H, W)
 
@@ -153,7 +155,8 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
 
 
 def machine_info(device: torch.device | str) -> dict[str, Any]:
-    """What the numbers were measured on: CPU model and its bf16/AMX flags, cores, torch, threads, GPU, date."""
+    """What the numbers were measured on: CPU model and its bf16/AMX flags, cores, torch, threads, GPU, date, and
+    whether ``ovsam.runtime.keep_freed_memory`` is in effect."""
     cpu, flags = _cpu_model_and_flags()
     info: dict[str, Any] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -166,6 +169,7 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "keep_freed_memory": freed_memory_kept(),
     }
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-size", type=int, default=None, help="side of the ceiling's square matrix product "
                                                                    "(default: 4096; 512 with --tiny)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: ovsam.runtime.keep_freed_memory, as the job does)")
     p.add_argument("--seed", type=int, default=0, help="seed of the boxes and inputs")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the result as JSON")
     return p
@@ -242,6 +244,7 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
     from bench.common import machine_info, matmul_ceiling
     from bench.systems import SYSTEMS, build_system
     from ovsam.precision import DTYPES, resolve_precision
+    from ovsam.runtime import keep_freed_memory
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -262,6 +265,8 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
             precisions.append(resolved)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        keep_freed_memory()
 
     size = args.matmul_size or (512 if args.tiny else 4096)
     ceilings = {}

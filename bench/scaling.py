@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed passes before timing (default: 1)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: ovsam.runtime.keep_freed_memory, as the job does)")
     p.add_argument("--max-increase", type=float, default=0.05,
                    help="acceptance bound on the per-box cost increase (default: 0.05)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               random_vocabulary, timed)
     from bench.model import _int_list, parse_vocabulary
     from bench.systems import OvsamSystem, StageClock, make_inputs
+    from ovsam.runtime import keep_freed_memory
 
     box_counts = sorted(set(_int_list("--boxes", args.boxes)))
     vocab_specs = [parse_vocabulary(v.strip()) for v in args.vocabularies.split(",") if v.strip()]
@@ -102,6 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        keep_freed_memory()
 
     t = time.perf_counter()
     system = OvsamSystem(args.model, args.tiny, args.device, args.precision, 1)

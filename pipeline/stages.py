@@ -169,8 +169,11 @@ class Annotator:
 
     def __init__(self, config: ModelStageConfig) -> None:
         import ovsam
+        import ovsam.runtime
 
         self.config = config
+        if str(config.device).split(":")[0] == "cpu":
+            ovsam.runtime.keep_freed_memory()  # large activations are reused instead of page-faulted in on every batch
         self.model = ovsam.build_ovsam(config.model, checkpoint=config.checkpoint, device=config.device,
                                        precision=config.precision, compile=config.compile)
         self.vocabulary = ovsam.Vocabulary.resolve(config.vocabulary, self.model, progress=False)
