@@ -73,7 +73,7 @@ def train_demo_model(out: Path, steps: int | None, workers: int,
     Runs on the Ray instance this process is connected to; prints the held-out metrics before and after."""
     from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train, vocabulary_url
     from pipeline.pack import pack_synthetic
-    from pipeline.train_data import DatasetSpec
+    from pipeline.train_specs import DatasetSpec
 
     recipe = dict(SYNTHETIC_RECIPE)
     if steps is not None:

@@ -65,8 +65,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.args import add_storage_options
+from jobs.args import storage_options as parse_storage_options
 from ovsam.config import ROI_BOX_RULES
-from pipeline.train_data import DatasetSpec, parse_dataset_spec, parse_heldout_spec
+from pipeline.train_specs import DatasetSpec, parse_dataset_spec, parse_heldout_spec
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +273,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-released", default=None, metavar="DIR",
                    help="also write the released layout (clip2sam.pth: fpn_neck.*, mask_decoder.*) to DIR")
     p.add_argument("--summary", default=None, help="write the final metrics as JSON to this file")
-    p.add_argument("--storage-options", default="{}",
-                   help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    add_storage_options(p)
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
     p.add_argument("--fault-at", default=None, help=argparse.SUPPRESS)  # tests: "STEP:MARKER" kills rank 1 once
 
@@ -285,10 +286,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
     if args.fault_at:
         step, _, marker = args.fault_at.partition(":")
         fault = (int(step), marker)
-    try:
-        storage_options = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options must be a JSON object: {e}") from None
+    storage = parse_storage_options(args.storage_options)
     return TrainJobConfig(
         datasets=datasets, heldout=heldout, name=args.name, storage_path=args.storage_path, model=args.model,
         checkpoint=args.checkpoint, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -302,7 +300,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         eval_samples=args.eval_samples, report_every=args.report_every, loader_workers=args.loader_workers,
         seed=args.seed, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures, num_to_keep=args.num_to_keep, fault_at=fault,
-        storage_options=storage_options)
+        storage_options=storage)
 
 
 def trainer_config(cfg: TrainJobConfig):

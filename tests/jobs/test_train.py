@@ -33,7 +33,7 @@ import torch
 
 from jobs import trainer
 from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train
-from pipeline.train_data import DatasetSpec
+from pipeline.train_specs import DatasetSpec
 
 REPO = Path(__file__).resolve().parents[2]
 # The short-run recipe for the random-init tiny model (jobs/train.py, also the demo's): 1,200 steps of region
