@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jobs.args import UsageError, add_storage_options, float_in, positive_int, storage_options
 from pipeline.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class AnnotateConfig:
     dry_run: bool = False
     overwrite: bool = False
     ray_address: str | None = None
+    progress_every_s: float = 5.0
+    quiet: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -70,38 +73,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sidecar (boxes/points in each sample's json), detector:<torchvision model>, grid, "
                         "whole-image (default: sidecar)")
     p.add_argument("--detector-weights", default=None, help="state dict for --prompts detector:<name>")
-    p.add_argument("--detector-score-thresh", type=float, default=0.5)
-    p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--top-k", type=int, default=5, help="alternative labels stored per instance")
+    p.add_argument("--detector-score-thresh", type=float_in(0.0, 1.0), default=0.5,
+                   help="detector boxes below this score are dropped (default: 0.5)")
+    p.add_argument("--max-detections", type=positive_int, default=100,
+                   help="at most this many detector boxes per image (default: 100)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels stored per instance (default: 5)")
     p.add_argument("--store-embeddings", action="store_true",
                    help="store float16 region embeddings so `ovsam relabel` can re-label without the images")
-    p.add_argument("--points-per-side", type=int, default=16, help="grid density for --prompts grid")
+    p.add_argument("--points-per-side", type=positive_int, default=16,
+                   help="grid density for --prompts grid (default: 16)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="float type the model computes in: auto (bf16 where the workers' device computes it "
                         "natively, else fp32; resolved on the driver), fp32 (as published), bf16, fp16 "
                         "(default: auto); the resolved value enters run.json and the config hash")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image encoder and prompt decoder (static shapes; slow first batches)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per model batch")
-    p.add_argument("--workers", type=int, default=None, help="model workers (default: one per GPU, else per CPU)")
-    p.add_argument("--num-gpus-per-worker", type=float, default=None)
-    p.add_argument("--cpus-per-worker", type=float, default=None)
-    p.add_argument("--max-pixels", type=int, default=64 * 1024 * 1024, help="larger images are refused")
-    p.add_argument("--limit", type=int, default=None, help="process at most this many pending shards")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per model batch (default: 8)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="model workers (default: one per GPU, else per CPU)")
+    p.add_argument("--num-gpus-per-worker", type=float_in(0.0), default=None,
+                   help="GPUs each worker reserves (default: 1 where the cluster has GPUs, else 0)")
+    p.add_argument("--cpus-per-worker", type=float_in(0.0, low_open=True), default=None,
+                   help="CPUs each worker reserves (default: chosen from the cluster)")
+    p.add_argument("--max-pixels", type=positive_int, default=64 * 1024 * 1024,
+                   help="larger images are refused (default: 67108864)")
+    p.add_argument("--limit", type=positive_int, default=None, help="process at most this many pending shards")
     p.add_argument("--dry-run", action="store_true", help="list shards and estimate the work; write nothing")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run with another config")
-    p.add_argument("--storage-options", default="{}",
-                   help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    add_storage_options(p)
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--progress-every", dest="progress_every_s", type=float_in(0.0, low_open=True), default=5.0,
+                   metavar="SECONDS", help="seconds between progress lines (default: 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (the summary is still printed)")
 
 
 def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
-    try:
-        storage = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options must be JSON: {e}") from None
-    if not isinstance(storage, dict):
-        raise ValueError("--storage-options must be a JSON object")
+    storage = storage_options(args.storage_options)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if getattr(args, "precision", "auto") not in PRECISION_CHOICES:
@@ -109,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     stage = ModelStageConfig(**{k: getattr(args, k) for k in ModelStageConfig.__dataclass_fields__
                                 if hasattr(args, k)})
     fields = {k: getattr(args, k) for k in AnnotateConfig.__dataclass_fields__
-              if k not in ("inputs", "stage", "storage_options")}
+              if k not in ("inputs", "stage", "storage_options") and hasattr(args, k)}
     return AnnotateConfig(inputs=tuple(args.inputs), stage=stage, storage_options=storage, **fields)
 
 
@@ -190,12 +197,117 @@ def estimate_work(shards: list[Any], storage_options: dict[str, Any]) -> tuple[i
     return sum(size for size, _ in found), sum(counts), len(counts)
 
 
-def _print_progress(summary: Any, total: int, seconds: float) -> None:
-    done = len(summary.per_shard)
-    rate = summary.images / seconds if seconds > 0 else 0.0
-    inst = summary.instances / seconds if seconds > 0 else 0.0
-    print(f"[annotate] shards {done}/{total}  images {summary.images} ({rate:.1f}/s)  "
-          f"instances {summary.instances} ({inst:.1f}/s)", flush=True)
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_printer(expected_images: float | None) -> Any:
+    """The driver's progress line: shards committed, images and instances done (shards in flight included, as
+    their workers last reported), rates, and an ETA from the expected image count (the shard indexes, extrapolated
+    to shards without one) or, without any index, from the shards committed so far."""
+
+    def show(summary: Any, total: int, seconds: float, images: int | None = None, prompts: int | None = None) -> None:
+        done = len(summary.per_shard) + len(summary.failed)
+        images = summary.images if images is None else images
+        prompts = summary.instances if prompts is None else prompts
+        rate = images / seconds if seconds > 0 else 0.0
+        eta = ""
+        if done < total:
+            if expected_images and rate > 0:
+                eta = f"  ETA {_duration(max(0.0, expected_images - images) / rate)}"
+            elif done and seconds > 0:
+                eta = f"  ETA {_duration((total - done) * seconds / done)}"
+        print(f"[annotate] shards {done}/{total}  images {images:,} ({rate:.1f}/s)  instances {prompts:,} "
+              f"({prompts / seconds if seconds > 0 else 0.0:.1f}/s){eta}", flush=True)
+
+    return show
+
+
+UNTRAINED_WARNING = (
+    "[annotate] WARNING: no --checkpoint: {model}'s neck and head are randomly initialised, so its masks and labels "
+    "mean nothing (run.json records weights.trained = false). Pass --checkpoint: `make demo` trains "
+    "demo_out/model/ovsam-tiny-synthetic.safetensors; `ovsam convert-official` builds the published ovsam-rn50x16."
+)
+
+
+class _RayAuthNotice(logging.Filter):
+    """Ray's notice about token authentication on a local cluster, replaced by one plain line per process."""
+
+    shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Token authentication is"):
+            return True
+        if not _RayAuthNotice.shown:
+            _RayAuthNotice.shown = True
+            state = "on" if "is enabled" in text else "off"
+            print(f"[annotate] Ray: token authentication is {state} for the local Ray instance this job starts "
+                  f"(Ray's default; set RAY_AUTH_MODE=token or =disabled to choose; "
+                  f"https://docs.ray.io/en/latest/ray-security/token-auth.html)", file=sys.stderr, flush=True)
+        return False
+
+
+def plain_ray_auth_notice() -> None:
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _RayAuthNotice) for f in log.filters):
+        log.addFilter(_RayAuthNotice())
+
+
+def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
+    """Every check that needs no Ray and writes nothing, run on the driver before anything starts: numeric ranges,
+    the prompt mode, the detector (built once from its weights), the model name, the checkpoint file and the
+    output location. Raises :class:`jobs.args.UsageError` (exit 2) naming the option."""
+    import ovsam
+    from ovsam.config import OvsamConfig
+    from pipeline.proposals import TorchvisionDetector, parse_prompt_mode
+
+    st = cfg.stage
+    for flag, value, minimum in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 1),
+                                 ("--max-pixels", cfg.max_pixels, 1), ("--limit", cfg.limit, 1),
+                                 ("--top-k", st.top_k, 1), ("--max-detections", st.max_detections, 1),
+                                 ("--points-per-side", st.points_per_side, 1)):
+        if value is not None and value < minimum:
+            raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+    if not 0.0 <= st.detector_score_thresh <= 1.0:
+        raise UsageError(f"--detector-score-thresh must be in [0, 1], got {st.detector_score_thresh}")
+    if st.precision not in PRECISION_CHOICES:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {st.precision!r}")
+    try:
+        mode, detector = parse_prompt_mode(st.prompts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if mode != "detector" and st.detector_weights:
+        raise UsageError(f"--detector-weights is only used with --prompts detector:<name>, not --prompts {st.prompts}")
+    if mode == "detector":
+        if not st.detector_weights:
+            raise UsageError(f"--prompts {st.prompts} needs --detector-weights (a local state dict file)")
+        try:
+            TorchvisionDetector(detector, st.detector_weights, device="cpu")
+        except FileNotFoundError:
+            raise UsageError(f"--detector-weights {st.detector_weights}: no such file") from None
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise UsageError(f"--prompts {st.prompts} with --detector-weights {st.detector_weights}: {e}") from None
+    try:
+        config = ovsam.load_config(st.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model: {e} (or a model config JSON file)") from None
+    if not isinstance(config, OvsamConfig):
+        raise UsageError(f"--model {st.model!r} is a SAM config; annotation needs an OV-SAM model (see `ovsam models`)")
+    if st.checkpoint is not None and not fsspec_exists(st.checkpoint):
+        raise UsageError(f"--checkpoint {st.checkpoint}: no such file")
+    if fs.isfile(root):
+        raise UsageError(f"--output {cfg.output} is a file; pass a directory (a local path or a URL)")
+
+
+def fsspec_exists(url: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return bool(fs.isfile(path))
 
 
 def run_annotate(cfg: AnnotateConfig) -> Any:
@@ -211,13 +323,17 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     from pipeline.sources import expand_shards
     from pipeline.worker import WorkerConfig
 
+    fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
+    validate_config(cfg, fs, root)
     shards = expand_shards(list(cfg.inputs), cfg.storage_options)
     model = ovsam.build_ovsam(cfg.stage.model, checkpoint=cfg.stage.checkpoint)
+    untrained = cfg.stage.checkpoint is None
+    if untrained:
+        print(UNTRAINED_WARNING.format(model=cfg.stage.model), file=sys.stderr, flush=True)
     vocabulary = ovsam.Vocabulary.resolve(cfg.stage.vocabulary, model, progress=False)
     device, precision = resolve_job_precision(cfg)
     hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash, precision)
     chash = config_hash(hashed)
-    fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     ledger = Ledger(fs, root)
     ledger.check_config(chash, hashed, overwrite=cfg.overwrite)
     done = ledger.committed_shards(chash)
@@ -238,18 +354,25 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
         print(f"[annotate] dry run: {len(pending)} shards, {nbytes / 1e6:,.1f} MB to read, {samples:,} samples in "
               f"the {indexed} shards with an index{guess}; nothing written", flush=True)
         return None
+    if not pending:  # a finished rerun: no run.json rewrite, no Ray
+        print(f"[annotate] nothing to do: all {len(shards)} shards are committed in {cfg.output}", flush=True)
+        from pipeline.run import RunSummary
+
+        return RunSummary(shards_total=len(shards), shards_skipped=len(shards))
     public = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}
     write_run_json(fs, root, {"config": public, "hashed": hashed, "config_hash": chash,
                               "precision": {"requested": cfg.stage.precision, "resolved": precision,
                                             "device": device, "compile": bool(cfg.stage.compile)},
                               "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
                                              "clip_model": vocabulary.clip_model},
+                              "weights": {"checkpoint": cfg.stage.checkpoint, "trained": not untrained},
                               "model_config": model.config.to_dict(), "versions": package_versions()})
     del model
     ledger.cleanup_tmp()
     import ray
 
     if not ray.is_initialized():
+        plain_ray_auth_notice()
         ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
     plan = plan_cluster(cfg.workers, cfg.num_gpus_per_worker, cfg.cpus_per_worker)
     planned = "cuda" if plan.num_gpus > 0 else "cpu"
@@ -262,7 +385,11 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
                               cpus=plan.num_cpus, max_pixels=cfg.max_pixels,
                               storage_options=dict(cfg.storage_options))
     t0 = time.perf_counter()
-    summary = run_shards(pending, worker_cfg, plan, on_progress=_print_progress,
+    printer = None
+    if not cfg.quiet:
+        _, samples, indexed = estimate_work(pending[:200], cfg.storage_options)
+        printer = progress_printer(samples / indexed * len(pending) if indexed else None)
+    summary = run_shards(pending, worker_cfg, plan, on_progress=printer, progress_every_s=cfg.progress_every_s,
                          shards_skipped=len(shards) - len(pending))
     seconds = time.perf_counter() - t0
     print(f"[annotate] done in {seconds:.1f}s: {len(summary.per_shard)} shards, {summary.images} images, "
@@ -287,6 +414,9 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
         print(f"[annotate] ... {len(damaged) - 20} more shards with read problems (see their manifests)")
     for name, err in summary.failed.items():
         print(f"[annotate] FAILED {name}: {err}", file=sys.stderr)
+    ledger.remove_empty_tmp()
+    if untrained:
+        print(UNTRAINED_WARNING.format(model=cfg.stage.model), file=sys.stderr, flush=True)
     return summary
 
 
@@ -311,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_annotate(config_from_args(args))
         return 1 if summary is not None and summary.failed else 0
-    except ValueError as e:
+    except UsageError as e:
+        print(f"ovsam annotate: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
         print(f"ovsam annotate: error: {e}", file=sys.stderr)
         return 1
 

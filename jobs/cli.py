@@ -6,6 +6,7 @@
         --sam2clip weights/sam2clip_vith_rn50x16.pth --clip2sam weights/clip2sam_coco_rn50x16.pth \\
         --vocabulary coco -o ovsam_coco.safetensors
     ovsam models                                         # built-in model configs
+    ovsam predict photo.jpg --box 40,30,200,180 -o pred/  # one process: an overlay and a JSON per image
     ovsam pack coco --annotations instances_train2017.json --images train2017/ --output packed/coco
     ovsam demo --output demo_out                         # same as `python -m jobs.demo`
 
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from jobs.args import UsageError, add_storage_options, positive_int, storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,13 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 1 if summary is not None and summary.failed else 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Segment and name objects in a few images, in this process (``jobs.predict``)."""
+    from jobs.predict import run
+
+    return run(args)
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     """Pack a dataset into WebDataset training shards (``jobs.pack``)."""
     from jobs.pack import run
@@ -123,14 +134,9 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Render annotated samples as PNG overlays (``pipeline.overlay.write_overlays``)."""
-    import json
-
     from pipeline.overlay import write_overlays
 
-    try:
-        storage = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options must be JSON: {e}") from None
+    storage = storage_options(args.storage_options)
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
     paths = write_overlays(args.input, args.output, limit=args.n, shards=args.shards, storage_options=storage)
@@ -148,10 +154,11 @@ def cmd_export_coco(args: argparse.Namespace) -> int:
 
     from pipeline.export import export_coco
 
-    storage = json.loads(args.storage_options)
+    storage = storage_options(args.storage_options)
     fs, root = fsspec.core.url_to_fs(args.input, **storage)
     coco = export_coco(fs, root)
-    Path(args.output).write_text(json.dumps(coco))
+    with fsspec.open(str(args.output), "w", **storage) as f:  # any fsspec URL (s3://...), like --input
+        f.write(json.dumps(coco))
     print(f"wrote {args.output}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
     return 0
 
@@ -223,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_arguments(ann)
     ann.set_defaults(func=cmd_annotate)
 
+    from jobs import predict
+
+    prd = sub.add_parser("predict", help="segment and name objects in a few images, in one process (no Ray)",
+                         description=predict.__doc__.split("\n\n")[0], epilog=predict.__doc__.split("\n\n", 1)[1],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_arguments(prd)
+    prd.set_defaults(func=cmd_predict)
+
     from jobs import pack
 
     pk = sub.add_parser("pack", help="pack COCO/LVIS, Objects365/V3Det, class folders, SA-1B or synthetic data "
@@ -259,18 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--shards", action="append", default=None, metavar="URLS",
                       help="original shard URLs, glob or brace pattern (repeatable; default: the inputs recorded "
                            "in run.json and the manifests)")
-    show.add_argument("-n", type=int, default=8, help="number of images to render (default: 8)")
+    show.add_argument("-n", type=positive_int, default=8, help="number of images to render (default: 8)")
     show.add_argument("--output", type=Path, default=Path("overlays"),
                       help="directory for the PNGs (default: overlays)")
-    show.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    add_storage_options(show)
     show.set_defaults(func=cmd_show)
 
     exp = sub.add_parser("export-coco", help="committed annotations -> COCO instances JSON",
                          description="Write the committed shards of an annotation output as COCO instances JSON "
                                      "(RLE segmentation), loadable by pycocotools.coco.COCO.")
     exp.add_argument("--input", required=True, help="annotation output URL")
-    exp.add_argument("-o", "--output", required=True, type=Path, help="JSON file to write")
-    exp.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    exp.add_argument("-o", "--output", required=True, help="JSON file to write (local path or any fsspec URL)")
+    add_storage_options(exp)
     exp.set_defaults(func=cmd_export_coco)
 
     models = sub.add_parser("models", help="list the built-in model configs")
@@ -280,7 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=demo.__doc__.split("\n\n")[0])
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=cmd_demo)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """``-v`` also after the subcommand (``ovsam annotate ... -v``); SUPPRESS keeps a -v given before it."""
+    for parser in set(sub.choices.values()):
+        if not any("-v" in a.option_strings for a in parser._actions):
+            parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                help="log progress and show tracebacks on error")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,6 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `ovsam models | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 0
+    except UsageError as e:
+        if args.verbose:
+            raise
+        print(f"ovsam {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         if args.verbose:
             raise

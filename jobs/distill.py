@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.args import add_storage_options, storage_options
 from jobs.distill_loop import (RELEASED_DIR, STUDENT_FILE, DistillConfig, InjectedFailure, load_clip_weights,
                                optim_config, train_loop)
 
@@ -372,15 +373,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-released", default=None, metavar="DIR",
                    help="write DIR/sam2clip.pth with the neck in the released neck_student.* layout")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local or RAY_ADDRESS)")
-    p.add_argument("--storage-options", default="{}", help="fsspec options as JSON")
+    add_storage_options(p)
     p.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig | DumpConfig:
-    try:
-        storage = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options must be JSON: {e}") from None
+    storage = storage_options(args.storage_options)
     if args.dump_teacher:
         if not args.inputs or args.output is None:
             raise ValueError("--dump-teacher needs --input SHARDS and --output URL (the cache to write)")

@@ -28,6 +28,8 @@ import re
 import sys
 from typing import Any
 
+from jobs.args import add_storage_options, storage_options
+
 logger = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -56,7 +58,7 @@ def _common(p: argparse.ArgumentParser, *, dataset_default: str | None) -> None:
                    help="dataset name in every sidecar and classes.json" +
                         (f" (default: {dataset_default})" if dataset_default else " (default: from the source)"))
     p.add_argument("--io-threads", type=int, default=8, help="threads reading and converting items (default 8)")
-    p.add_argument("--storage-options", default="{}", help="fsspec options as JSON, for inputs and output")
+    add_storage_options(p, help="fsspec options as a JSON object, for inputs and output")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,10 +113,7 @@ def run(args: argparse.Namespace) -> int:
     """Plan and write what ``args`` (from :func:`add_arguments`) ask for; print a summary; return 0."""
     from pipeline import pack
 
-    try:
-        storage = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options must be JSON: {e}") from None
+    storage = storage_options(args.storage_options)
     fmt = args.pack_format
     if fmt == "synthetic":
         summaries = pack.pack_synthetic(args.output, kind=args.kind, num_train=args.num_train,

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jobs.annotate import package_versions
+from jobs.args import add_storage_options, storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the input run's model checkpoint, if it has moved since (its sha256 must match)")
     p.add_argument("--threads", type=int, default=2, help="shards read, re-labelled and written in parallel")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output with another config")
-    p.add_argument("--storage-options", default="{}",
-                   help='fsspec options as JSON for input and output, e.g. '
-                        '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
+    add_storage_options(p, help='fsspec options as a JSON object, for input and output, e.g. '
+                                '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
 
 
 def config_from_args(args: argparse.Namespace) -> RelabelConfig:
-    try:
-        storage = json.loads(args.storage_options)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--storage-options must be JSON: {e}") from None
-    if not isinstance(storage, dict):
-        raise ValueError("--storage-options must be a JSON object")
+    storage = storage_options(args.storage_options)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.threads < 1:

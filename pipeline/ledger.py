@@ -101,3 +101,13 @@ class Ledger:
                     self.fs.rm(path)
                 except FileNotFoundError:
                     pass
+
+    def remove_empty_tmp(self) -> None:
+        """Remove ``_tmp/`` once a run is over and nothing is left in it (object stores have no empty folders)."""
+        self.forget_listings()
+        tmp = f"{self.root}/_tmp"
+        try:
+            if self.fs.isdir(tmp) and not self.fs.ls(tmp, detail=False):
+                self.fs.rmdir(tmp)
+        except (OSError, NotImplementedError):  # a concurrent writer, or a store without folders
+            pass

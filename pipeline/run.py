@@ -164,15 +164,33 @@ def plan_workers(
     return ClusterPlan(workers=n, num_gpus=float(num_gpus_per_worker), num_cpus=float(cpus_per_worker))
 
 
+class ProgressBoard:
+    """Images and prompts done so far in each shard being processed, reported by the workers (a Ray actor with no
+    CPU of its own), so the driver's progress moves during long shards and not only when one commits."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    def report(self, shard: str, images: int, prompts: int) -> None:
+        self._counts[shard] = (int(images), int(prompts))
+
+    def drop(self, shard: str) -> None:
+        self._counts.pop(shard, None)
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        return dict(self._counts)
+
+
 def run_shards(
     shards: list[ShardRef],
     worker_config: WorkerConfig,
     plan: ClusterPlan,
     *,
     max_attempts: int = 4,
-    on_progress: Callable[[RunSummary, int, float], None] | None = None,
+    on_progress: Callable[..., None] | None = None,
     shards_skipped: int = 0,
     start_timeout_s: float = 600.0,
+    progress_every_s: float = 5.0,
 ) -> RunSummary:
     """Process ``shards`` on ``plan.workers`` actors; a shard whose actor died is retried up to ``max_attempts``.
 
@@ -181,6 +199,10 @@ def run_shards(
     answers. An actor that cannot be placed (e.g. its node was removed and no other node has a free GPU) is never
     given work. If no actor is ready and nothing runs for ``start_timeout_s`` while shards wait, the waiting
     shards are reported as failed instead of waiting forever.
+
+    ``on_progress(summary, total_shards, seconds, images=..., prompts=...)`` is called every ``progress_every_s``
+    seconds and at the end; ``images`` and ``prompts`` add the shards in flight (as their workers last reported
+    them, through a :class:`ProgressBoard`) to the committed ones.
     """
     import ray
     from ray.exceptions import ActorDiedError, RayActorError, RayTaskError, WorkerCrashedError
@@ -196,6 +218,8 @@ def run_shards(
     )
     n = min(plan.workers, len(shards))
     actors = [actor_cls.remote(worker_config) for _ in range(n)]
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote() if on_progress is not None else None
+    worker_every = max(0.05, progress_every_s / 2)
     queue: deque[ShardRef] = deque(shards)
     attempts: dict[str, int] = {}
     idle: list[Any] = []
@@ -212,9 +236,10 @@ def run_shards(
         while queue and idle:
             shard, actor = queue.popleft(), idle.pop()
             attempts[shard.name] = attempts.get(shard.name, 0) + 1
-            in_flight[actor.process.remote(shard)] = (shard, actor)
+            in_flight[actor.process.remote(shard, board, worker_every)] = (shard, actor)
         pending = [*in_flight, *starting]
-        done = ray.wait(pending, num_returns=1, timeout=2.0)[0] if pending else []
+        wait_s = min(2.0, max(0.05, progress_every_s / 2))
+        done = ray.wait(pending, num_returns=1, timeout=wait_s)[0] if pending else []
         if not pending:
             time.sleep(0.5)
         for ref in done:
@@ -230,6 +255,8 @@ def run_shards(
                     recovering.append((time.perf_counter() + 1.0, actor))
                 continue
             shard, actor = in_flight.pop(ref)
+            if board is not None:
+                board.drop.remote(shard.name)
             try:
                 summary.per_shard.append(ray.get(ref))
                 idle.append(actor)
@@ -255,12 +282,24 @@ def run_shards(
             logger.error("%s; %d shards not processed", reason, len(queue))
             while queue:
                 summary.failed[queue.popleft().name] = reason
-        if on_progress is not None and (now - last_report > 5.0 or not (queue or in_flight)):
-            on_progress(summary, len(shards), now - start)
+        if on_progress is not None and (now - last_report >= progress_every_s or not (queue or in_flight)):
+            images, prompts = summary.images, summary.instances
+            if board is not None and in_flight:
+                flying = {s.name for s, _ in in_flight.values()}
+                try:
+                    partial = ray.get(board.snapshot.remote(), timeout=10)
+                except Exception as e:  # progress is best effort; the run goes on
+                    logger.debug("no progress snapshot: %s", e)
+                    partial = {}
+                images += sum(v[0] for k, v in partial.items() if k in flying)
+                prompts += sum(v[1] for k, v in partial.items() if k in flying)
+            on_progress(summary, len(shards), now - start, images=images, prompts=prompts)
             last_report = now
     summary.seconds = time.perf_counter() - start
     for actor in actors:
         ray.kill(actor)
+    if board is not None:
+        ray.kill(board)
     return summary
 
 

@@ -271,7 +271,8 @@ def expand_shards(
     if missing:
         shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
         if not allow_missing:
-            raise ValueError(f"{len(missing)} shard(s) do not exist: {shown}; fix the spec or pass allow_missing")
+            raise ValueError(f"{len(missing)} shard(s) do not exist: {shown}; fix the --input spec (a glob matches "
+                             "only what exists)")
         logger.warning("skipping %d missing shard(s): %s", len(missing), shown)
         gone = set(missing)
         urls = [u for u in urls if u not in gone]

@@ -262,7 +262,7 @@ class ShardWorker:
                           use_sidecar_prompts=self.require_prompts)
         return to_stage_input(d)
 
-    def process(self, shard: ShardRef) -> dict[str, Any]:
+    def process(self, shard: ShardRef, progress: Any = None, progress_every_s: float = 2.0) -> dict[str, Any]:
         """Annotate ``shard`` and commit it. Returns counts, per-stage times (seconds) and model-busy %.
 
         ``timings`` is the model thread's time from start to commit, by what it was doing: ``wait_input`` (waiting
@@ -271,7 +271,10 @@ class ShardWorker:
         manifest). ``background`` is the busy time of the other threads, which overlaps those: ``read``,
         ``decode``, ``prepare`` (summed over the decode threads) and ``rows``. ``model_busy_pct`` is
         ``100 * model / seconds``: the share of the shard's wall time, from the start of processing to its
-        commit, that the model was computing."""
+        commit, that the model was computing.
+
+        ``progress`` (a :class:`pipeline.run.ProgressBoard` actor handle, or None) is told the images and prompts
+        done so far at most every ``progress_every_s`` seconds, so the driver can report a long shard as it goes."""
         from .sinks import commit_shard
         from .stages import MASK_BUDGET_BYTES
 
@@ -312,12 +315,19 @@ class ShardWorker:
 
             rows.submit(build)
 
+        done = {"images": 0, "prompts": 0, "reported": time.perf_counter()}
+
         def run_batch(batch: list[SampleInput]) -> None:
             t, waited = time.perf_counter(), emit_wait[0]
             outputs: list[ModelOutput] = annotator.run_model(batch, emit=emit)
             waited = emit_wait[0] - waited
             timings["model"] += time.perf_counter() - t - waited
             timings["wait_rows"] += waited
+            done["images"] += len(outputs)
+            done["prompts"] += sum(out.num_prompts for out in outputs)
+            if progress is not None and time.perf_counter() - done["reported"] >= progress_every_s:
+                progress.report.remote(shard.name, done["images"], done["prompts"])  # fire and forget
+                done["reported"] = time.perf_counter()
             for out in outputs:
                 out.sample.image = None  # the model is done with the pixels
                 finished.append(rows.submit(finish, out))

@@ -145,3 +145,28 @@ def test_annotate_parser_imports_neither_torch_nor_ray():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+_IMPORT_PROBE = r"""
+import json, sys
+from jobs.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+heavy = sorted(m for m in ("torch", "ray", "torchvision", "open_clip", "segment_anything") if m in sys.modules)
+print(json.dumps({"rc": rc, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["models"], ["weights"], ["annotate", "--help"], ["train", "--help"], ["distill", "--help"],
+    ["pack", "--help"], ["relabel", "--help"], ["show", "--help"], ["export-coco", "--help"], ["demo", "--help"],
+    ["convert-official", "--help"], ["weights", "download", "--help"], ["predict", "--help"],
+])
+def test_help_and_listings_import_neither_torch_nor_ray(argv: list[str]) -> None:
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *argv], capture_output=True, text=True, timeout=120)
+    result = json.loads(out.stderr.strip().splitlines()[-1])
+    assert result == {"rc": 0, "heavy": []}, (argv, out.stderr[-2000:])

@@ -171,3 +171,50 @@ def test_precision_follows_the_workers_device(monkeypatch):
     assert workers_device(cfg) == "cpu"
     fp16 = AnnotateConfig(inputs=("x",), output="y", stage=ModelStageConfig(precision="fp16"))
     assert resolve_job_precision(fp16) == ("cpu", "fp16")
+
+
+def _one_shard(root, n: int) -> str:
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    path = root / "single-000000.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8)).save(buf, format="JPEG")
+            for name, data in ((f"{i:06d}.jpg", buf.getvalue()),
+                               (f"{i:06d}.json", json.dumps({"boxes": [[8, 8, 60, 50], [40, 30, 120, 90]]}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_progress_moves_during_a_single_shard(ray_local, corpus, tmp_path, capsys):
+    _, _, vocab = corpus
+    shard = _one_shard(tmp_path, 96)
+    cfg = AnnotateConfig(inputs=(shard,), output=str(tmp_path / "out"),
+                         stage=ModelStageConfig(model="ovsam-tiny", vocabulary=str(vocab), precision="fp32"),
+                         batch_size=2, workers=1, cpus_per_worker=1, progress_every_s=0.2)
+    summary = run_annotate(cfg)
+    assert not summary.failed and summary.images == 96
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[annotate] shards 0/1")]
+    moving = [line for line in lines if "images 0 " not in line]
+    assert len(moving) >= 2, lines  # images counted inside the shard, before it commits
+    counts = [int(line.split("images ")[1].split(" ")[0].replace(",", "")) for line in moving]
+    assert counts == sorted(counts) and 0 < counts[0] < 96
+
+
+def test_quiet_prints_no_progress(ray_local, corpus, tmp_path, capsys):
+    _, _, vocab = corpus
+    shard = _one_shard(tmp_path, 4)
+    cfg = AnnotateConfig(inputs=(shard,), output=str(tmp_path / "out"),
+                         stage=ModelStageConfig(model="ovsam-tiny", vocabulary=str(vocab)), batch_size=2,
+                         workers=1, cpus_per_worker=1, quiet=True, progress_every_s=0.1)
+    run_annotate(cfg)
+    out = capsys.readouterr().out
+    assert "[annotate] shards" not in out and "[annotate] done" in out

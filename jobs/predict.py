@@ -1,0 +1,247 @@
+"""``ovsam predict``: segment and name objects in a few images, in one process (no Ray), for one-off use and scripts.
+
+    ovsam predict photo.jpg --box 40,30,200,180 --box 220,40,380,200 -o pred/
+    ovsam predict photo.jpg --point 120,90 --point 300,40,0 -o -          # JSON on stdout
+    ovsam predict a.jpg b.png --everything --points-per-side 16 -o pred/ --model ovsam-tiny \\
+        --checkpoint demo_out/model/ovsam-tiny-synthetic.safetensors \\
+        --vocabulary demo_out/model/ovsam-tiny-synthetic.synthetic.vocab.safetensors
+
+Prompts are in original-image pixels. Each ``--box`` is one instance; ``--point X,Y[,LABEL]`` (LABEL 1, the
+default, for foreground, 0 for background) adds a click to every box's prompt, or, without boxes, all points form
+one prompt. ``--everything`` prompts a point grid instead (``ovsam.OvsamMaskGenerator``). Per image, ``-o DIR``
+gets ``<stem>.json`` (the instances: COCO RLE mask, box, area, quality, label, score, top-k) and ``<stem>.png``
+(the overlay); ``-o -`` prints one JSON document with every image to stdout instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.args import UsageError, float_in, non_negative_int, positive_int
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _numbers(text: str, counts: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or not all(abs(v) < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def box_arg(text: str) -> list[float]:
+    x0, y0, x1, y1 = _numbers(text, (4,), "X0,Y0,X1,Y1 (four numbers)")
+    if x1 <= x0 or y1 <= y0:
+        raise argparse.ArgumentTypeError(f"needs X1 > X0 and Y1 > Y0, got {text!r}")
+    return [x0, y0, x1, y1]
+
+
+def point_arg(text: str) -> list[float]:
+    values = _numbers(text, (2, 3), "X,Y or X,Y,LABEL")
+    if len(values) == 2:
+        values.append(1.0)
+    if values[2] not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"LABEL must be 1 (foreground) or 0 (background), got {text!r}")
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or fsspec URLs)")
+    p.add_argument("--box", action="append", type=box_arg, default=[], metavar="X0,Y0,X1,Y1",
+                   help="a box prompt in original pixels; each box is one instance (repeatable)")
+    p.add_argument("--point", action="append", type=point_arg, default=[], metavar="X,Y[,LABEL]",
+                   help="a click (LABEL 1 foreground, the default, or 0 background), added to every box's prompt, "
+                        "or, without boxes, all clicks form one prompt (repeatable)")
+    p.add_argument("--everything", action="store_true", help="prompt a point grid and keep the stable masks")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="directory for <stem>.json and <stem>.png per image, or - for JSON on stdout")
+    p.add_argument("--model", default="ovsam-tiny", help="model name or config JSON (see `ovsam models`)")
+    p.add_argument("--checkpoint", default=None, help="project checkpoint file for the model")
+    p.add_argument("--vocabulary", default="coco",
+                   help="built-in (coco, lvis, imagenet21k), a text class list, or a saved vocabulary "
+                        "(default: coco)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="float type the model computes in (default: auto: bf16 where the device computes it "
+                        "natively, else fp32)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels per instance (default: 5)")
+    p.add_argument("--max-pixels", type=positive_int, default=64 * 1024 * 1024,
+                   help="larger images are refused (default: 67108864)")
+    g = p.add_argument_group("--everything")
+    g.add_argument("--points-per-side", type=positive_int, default=32, help="grid density (default: 32)")
+    g.add_argument("--pred-iou-thresh", type=float_in(0.0, 1.0), default=0.88,
+                   help="SAM models' predicted-IoU filter (OV-SAM has no IoU head) (default: 0.88)")
+    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.95,
+                   help="keep masks at least this stable (default: 0.95)")
+    g.add_argument("--box-nms-thresh", type=float_in(0.0, 1.0), default=0.7,
+                   help="IoU of the class-agnostic box NMS (default: 0.7)")
+    g.add_argument("--min-mask-area", type=non_negative_int, default=0,
+                   help="drop masks with fewer pixels (default: 0)")
+
+
+def _prompts(args: argparse.Namespace) -> dict[str, Any]:
+    """The predictor's keyword prompts for every image, from ``--box`` and ``--point``."""
+    import numpy as np
+
+    if args.everything:
+        if args.box or args.point:
+            raise UsageError("--everything prompts a point grid; leave out --box and --point")
+        return {}
+    if not args.box and not args.point:
+        raise UsageError("give a prompt: --box X0,Y0,X1,Y1, --point X,Y[,LABEL] or --everything")
+    out: dict[str, Any] = {}
+    n = max(1, len(args.box))
+    if args.box:
+        out["box"] = np.asarray(args.box, dtype=float)
+    if args.point:
+        pts = np.asarray(args.point, dtype=float)
+        out["point_coords"] = np.repeat(pts[None, :, :2], n, axis=0)
+        out["point_labels"] = np.repeat(pts[None, :, 2], n, axis=0)
+    if not args.box:  # one prompt of all the points: the single-prompt shapes
+        out["point_coords"] = out["point_coords"][0]
+        out["point_labels"] = out["point_labels"][0]
+    return out
+
+
+def read_image(url: str, max_pixels: int) -> Any:
+    """An image file (any fsspec URL) -> ``HxWx3`` uint8 RGB, decoded as the annotation job does."""
+    import fsspec
+
+    from pipeline.decode import ImageDecodeError, decode_image
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"IMAGE {url}: no such file") from None
+    try:
+        image, _, _ = decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        raise ValueError(f"IMAGE {url}: {e}") from None
+    return image
+
+
+def _instances(pred: Any, names: list[str] | None, top_k: int, prompts: list[dict]) -> list[dict[str, Any]]:
+    """``Prediction`` -> instance dicts (the overlay's row layout plus the prompt and the top-k)."""
+    import numpy as np
+
+    from ovsam.masks import encode_rle
+
+    rles = encode_rle(np.asarray(pred.masks, dtype=bool))
+    out = []
+    for i, rle in enumerate(rles):
+        inst: dict[str, Any] = {"prompt": prompts[i], "mask_rle": rle, "area": int(pred.masks[i].sum()),
+                                "box_xyxy": [float(v) for v in pred.boxes_xyxy[i]],
+                                "quality": float(pred.iou_scores[i])}
+        if pred.labels is not None:
+            scores = np.asarray(pred.label_scores[i], dtype=np.float64)
+            label = int(pred.labels[i])
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            inst.update(label=label, label_name=names[label], label_score=float(scores[label]),
+                        topk=[[names[int(k)], float(scores[int(k)])] for k in order])
+        out.append(inst)
+    return out
+
+
+def _everything_instances(records: list[dict], names: list[str] | None, top_k: int) -> list[dict[str, Any]]:
+    out = []
+    for rec in records:
+        x, y = rec["point_coords"][0]
+        inst: dict[str, Any] = {"prompt": {"points": [[float(x), float(y), 1]]}, "mask_rle": rec["segmentation"],
+                                "area": rec["area"], "box_xyxy": [float(v) for v in rec["box_xyxy"]],
+                                "quality": rec["stability_score"]}
+        if "label" in rec:
+            inst.update(label=rec["label"], label_name=rec["label_name"], label_score=rec["label_score"],
+                        topk=[[names[k], float(s)] for k, s in zip(rec["top_labels"][:top_k],
+                                                                  rec["top_scores"][:top_k])])
+        out.append(inst)
+    return out
+
+
+def _stem(url: str, seen: dict[str, int]) -> str:
+    stem = Path(url.rstrip("/").rsplit("/", 1)[-1]).stem or "image"
+    count = seen.get(stem, 0)
+    seen[stem] = count + 1
+    return stem if count == 0 else f"{stem}-{count}"
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = _prompts(args)  # usage errors before anything is built
+    to_stdout = args.output == "-"
+    out_dir = None if to_stdout else Path(args.output)
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output {out_dir} is a file; pass a directory or -")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file() and "://" not in args.checkpoint:
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    import torch
+
+    import ovsam
+    from ovsam.automatic import OvsamMaskGenerator
+    from pipeline.overlay import render_overlay
+
+    try:
+        config = ovsam.load_config(args.model)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model: {e}") from None
+    if not isinstance(config, ovsam.OvsamConfig):
+        raise UsageError(f"--model {args.model!r} is a SAM config; predict needs an OV-SAM model")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ovsam.build_ovsam(args.model, checkpoint=args.checkpoint, device=device, precision=args.precision)
+    vocabulary = ovsam.Vocabulary.resolve(args.vocabulary, model, progress=False)
+    trained = args.checkpoint is not None
+    if not trained:
+        print(f"ovsam predict: WARNING: no --checkpoint: {args.model}'s neck and head are randomly initialised, so "
+              "its masks and labels mean nothing", file=sys.stderr)
+    predictor = ovsam.OvsamPredictor(model, vocabulary)
+    generator = None
+    if args.everything:
+        generator = OvsamMaskGenerator(model, vocabulary, points_per_side=args.points_per_side,
+                                       pred_iou_thresh=args.pred_iou_thresh,
+                                       stability_score_thresh=args.stability_score_thresh,
+                                       box_nms_thresh=args.box_nms_thresh, min_mask_area=args.min_mask_area,
+                                       top_k=args.top_k, output_mode="coco_rle")
+    documents, seen = [], {}
+    for url in args.images:
+        image = read_image(url, args.max_pixels)
+        h, w = image.shape[:2]
+        if generator is not None:
+            instances = _everything_instances(generator.generate(image), vocabulary.names, args.top_k)
+        else:
+            predictor.set_image(image)
+            try:
+                pred = predictor.predict(**prompts)
+            except ValueError as e:
+                raise UsageError(f"--box/--point for {url} ({w}x{h}): {e}") from None
+            instances = _instances(pred, vocabulary.names, args.top_k, _prompt_records(args, len(pred)))
+        doc = {"image": url, "width": w, "height": h, "model": args.model, "checkpoint": args.checkpoint,
+               "trained": trained, "precision": model.precision, "vocabulary": args.vocabulary,
+               "instances": instances}
+        if out_dir is None:
+            documents.append(doc)
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = _stem(url, seen)
+        (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1))
+        render_overlay(image, instances).save(out_dir / f"{stem}.png")
+        print(f"{url}: {len(instances)} instance(s) -> {out_dir / stem}.json, .png")
+    if to_stdout:
+        json.dump(documents if len(documents) != 1 else documents[0], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _prompt_records(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
+    points = [[p[0], p[1], int(p[2])] for p in args.point]
+    if args.box:
+        return [{"box": box, **({"points": points} if points else {})} for box in args.box]
+    return [{"points": points}] * n
+
+
+__all__ = ["add_arguments", "box_arg", "point_arg", "read_image", "run"]
