@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     rel.set_defaults(func=cmd_relabel)
 
     show = sub.add_parser("show", help="render annotated samples as PNG overlays",
-                          description="Draw N committed images of an annotation output with their masks, mask "
-                                      "boxes and label captions, reading the pixels from the original shards.")
+                          description="Draw N committed images of an annotation output with their masks (lightened, "
+                                      "outlined) and label captions, reading the pixels from the original shards.")
     show.add_argument("--input", required=True, help="annotation output URL")
     show.add_argument("--shards", action="append", default=None, metavar="URLS",
                       help="original shard URLs, glob or brace pattern (repeatable; default: the inputs recorded "

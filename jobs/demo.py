@@ -24,7 +24,7 @@ Steps, all under ``--output``:
 * ``annotations/`` – the job's output: ``instances/``, ``images/``, ``_manifest/`` per shard and ``run.json``.
   Running the demo again skips the committed shards; a run with another model replaces the old output.
 * ``coco.json`` – the annotations as COCO instances JSON (``ovsam export-coco``).
-* ``overlays/*.png`` – annotated samples: translucent masks, boxes, "label score" captions (``ovsam show``).
+* ``overlays/*.png`` – annotated samples: masks lightened and outlined, "label score" captions (``ovsam show``).
 
 The vocabulary is the twelve colour x shape names.
 """

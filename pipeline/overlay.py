@@ -1,14 +1,14 @@
-"""Overlays of annotation output for people to look at: the image, translucent masks, mask boxes, captions.
+"""Overlays of annotation output for people to look at: the image, masks lightened and outlined, captions.
 
 ``render_overlay`` draws one image's instance rows (as stored in ``instances/<shard>.parquet``);
 ``write_overlays`` picks committed images with status ``ok`` from an annotation output, reads their pixels from
 the original shards through the job's own reader and decoder (so EXIF rotation, palette and 16-bit handling are
 exactly what the model saw) and writes one PNG per image.
 
-What is drawn where: each mask is blended into its pixels; each mask box (``box_xyxy``) gets an outline; each
-caption (``"label score"``) sits on a dark plate just above its box, or at the image's top edge when there is no
-room above (then it covers the top of the box), shifted left if it would leave the image. Nothing else is drawn,
-so pixels away from every mask, box and caption keep their original values.
+What is drawn where: each mask is lightened (towards white, so the object keeps its hue, which may be what its
+label is about) and gets a solid outline in its instance's colour along the inside of its edge; each caption (``"label score"``) sits on a dark plate
+just above the mask's box (``box_xyxy``), or at the image's top edge when there is no room above, shifted left if
+it would leave the image. Nothing else is drawn, so pixels outside every mask and caption keep their values.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 200, 0), (0, 220, 230), (240, 0, 240), (60, 230, 60), (255, 90, 60),
     (120, 140, 255), (255, 255, 255), (255, 150, 200), (160, 255, 180), (200, 120, 40),
 )
-MASK_ALPHA = 0.45
+MASK_ALPHA = 0.3  # how far a mask's pixels are lightened towards white (hue kept); its outline is solid
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -44,7 +44,7 @@ def _font(height: int, width: int) -> Any:
 
 
 def render_overlay(image: np.ndarray, instance_rows: list[dict]) -> Any:
-    """The image with each instance's mask blended in, its mask box outlined and a ``"label score"`` caption.
+    """The image with each instance's mask tinted and outlined, and a ``"label score"`` caption above its box.
 
     ``image`` is ``HxWx3`` uint8 RGB (as ``pipeline.decode.decode_sample`` returns it); ``instance_rows`` are rows
     of ``instances/<shard>.parquet`` for that image (``mask_rle`` with ``size == [H, W]``, ``box_xyxy`` in
@@ -59,6 +59,7 @@ def render_overlay(image: np.ndarray, instance_rows: list[dict]) -> Any:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     h, w = image.shape[:2]
     out = image.astype(np.float32)
+    line = max(1, round(min(h, w) / 250))
     for i, row in enumerate(instance_rows):
         size = list(row["mask_rle"]["size"])
         if size != [h, w]:
@@ -66,22 +67,19 @@ def render_overlay(image: np.ndarray, instance_rows: list[dict]) -> Any:
                              f"!= image size [{h}, {w}]; the image is not the one that was annotated")
         mask = decode_rle([row["mask_rle"]])[0]
         colour = np.asarray(PALETTE[i % len(PALETTE)], dtype=np.float32)
-        out[mask] = (1.0 - MASK_ALPHA) * out[mask] + MASK_ALPHA * colour
+        out[mask] = (1.0 - MASK_ALPHA) * out[mask] + MASK_ALPHA * 255.0
+        out[mask_edge(mask, line)] = colour
     canvas = Image.fromarray(out.round().clip(0, 255).astype(np.uint8), "RGB")
     if not instance_rows:
         return canvas
     draw = ImageDraw.Draw(canvas)
     font = _font(h, w)
-    line = max(1, round(min(h, w) / 300))
     boxes = []
-    for i, row in enumerate(instance_rows):
+    for row in instance_rows:
         x0, y0, x1, y1 = (float(v) for v in row["box_xyxy"])
-        # box_xyxy has exclusive max edges; the outline goes on the last pixel inside the box
-        box = (max(0, int(np.floor(x0))), max(0, int(np.floor(y0))),
-               min(w - 1, int(np.ceil(x1)) - 1), min(h - 1, int(np.ceil(y1)) - 1))
-        boxes.append(box)
-        if box[2] >= box[0] and box[3] >= box[1]:
-            draw.rectangle(box, outline=PALETTE[i % len(PALETTE)], width=line)
+        # box_xyxy has exclusive max edges
+        boxes.append((max(0, int(np.floor(x0))), max(0, int(np.floor(y0))),
+                      min(w - 1, int(np.ceil(x1)) - 1), min(h - 1, int(np.ceil(y1)) - 1)))
     for i, (row, box) in enumerate(zip(instance_rows, boxes)):
         caption = f"{row['label_name']} {float(row['label_score']):.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
@@ -93,6 +91,16 @@ def render_overlay(image: np.ndarray, instance_rows: list[dict]) -> Any:
         draw.rectangle(plate, fill=(0, 0, 0))
         draw.text((x + pad - left, y + pad - top), caption, fill=PALETTE[i % len(PALETTE)], font=font)
     return canvas
+
+
+def mask_edge(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The mask pixels within ``width`` pixels (4-neighbour steps) of its outside: a ``width``-pixel outline drawn
+    along the inside of the mask's edge, image borders counting as outside."""
+    inner = mask.copy()
+    for _ in range(width):
+        p = np.pad(inner, 1, constant_values=False)
+        inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
 
 
 def overlay_filename(shard: str, key: str) -> str:

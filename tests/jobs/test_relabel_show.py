@@ -311,7 +311,8 @@ def test_show_draws_only_on_masks_boxes_and_captions(handmade, corpus, tmp_path,
         drawn = np.asarray(Image.open(out_dir / overlay_filename("bad-000000", key)).convert("RGB"))
         assert drawn.shape == image.shape, key
         changed = (drawn != image).any(axis=-1)
-        assert changed[mask].all(), key
+        # every mask pixel is lightened towards white (one already white stays so) or outlined
+        assert changed[mask & (image < 250).any(axis=-1)].all(), key
         # away from the box and its caption: the rows below both, and the columns left of the box below the
         # caption (at these image sizes the caption plate is 14 px high, above the box or from the top edge)
         caption_end = 16
