@@ -110,6 +110,7 @@ class Vocabulary:
         tokenizer: Any = None,
         clip_model: str | None = None,
         device: str | torch.device | None = None,
+        check_synonyms: bool = True,
     ) -> Vocabulary:
         """Embed class names with a CLIP text tower (OVSAM_SPEC §3.1).
 
@@ -127,6 +128,7 @@ class Vocabulary:
             len(templates)`` prompts); one progress-bar step.
           device: where the tokens are sent; default: the device of the model's parameters. The model is not
             moved.
+          check_synonyms: warn about synonyms that several classes share (:func:`warn_shared_synonyms`).
 
         Each synonym is embedded with every template, each prompt embedding L2-normalised, averaged over the
         templates and L2-normalised again (``open_clip.build_zero_shot_classifier``); classes are padded to P
@@ -157,6 +159,8 @@ class Vocabulary:
                             f"OvsamModel), or an open_clip CLIP with tokenizer= and clip_model=; got "
                             f"{type(model).__name__} with tokenizer={tok is not None}, clip_model={clip_name!r}")
         _check_classes(display, synonyms)
+        if check_synonyms:
+            warn_shared_synonyms(display, synonyms)
         _check_split(split, len(display))
         emb = encode_synonyms(model, tok, synonyms, templates, batch_size=batch_size, progress=progress,
                               device=device)
@@ -185,7 +189,7 @@ class Vocabulary:
         :meth:`from_names` (``split`` defaults to the built-in split)."""
         names, synonyms, split = cls.class_list(name)
         kwargs.setdefault("split", split)
-        return cls.from_names(synonyms, model, display_names=names, **kwargs)
+        return cls.from_names(synonyms, model, display_names=names, check_synonyms=False, **kwargs)
 
     @staticmethod
     def read_class_file(path: str | Path) -> tuple[list[list[str]], list[int] | None]:
@@ -290,7 +294,7 @@ class Vocabulary:
             names, synonyms, split = cls.read_classes_json(path)
             if split is not None:
                 kwargs.setdefault("split", split)
-            return cls.from_names(synonyms, model, display_names=names, **kwargs)
+            return cls.from_names(synonyms, model, display_names=names, check_synonyms=False, **kwargs)
         return cls.from_file(path, model, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ queries
@@ -510,6 +514,21 @@ def _check_classes(names: list[str], synonyms: list[list[str]]) -> None:
         if n in seen:
             raise ValueError(f"duplicate class name {n!r} at indices {seen[n]} and {i}")
         seen[n] = i
+
+
+def warn_shared_synonyms(names: list[str], synonyms: list[list[str]]) -> None:
+    """Log a warning for each synonym (case-insensitive) that more than one class of a user's list has: those
+    classes then compete for the same regions. (WordNet-based built-ins share thousands by design.)"""
+    owner: dict[str, int] = {}
+    shared = []
+    for i, syn in enumerate(synonyms):
+        for s in dict.fromkeys(x.strip().lower() for x in syn):
+            if s in owner and owner[s] != i:
+                shared.append(f"{s!r} (classes {owner[s]} {names[owner[s]]!r} and {i} {names[i]!r})")
+            owner.setdefault(s, i)
+    if shared:
+        logger.warning("%d synonym(s) belong to more than one class, so those classes compete for the same regions: "
+                       "%s", len(shared), "; ".join(shared[:10]) + (" ..." if len(shared) > 10 else ""))
 
 
 def _check_embeddings(embeddings: Any, synonyms: list[list[str]]) -> torch.Tensor:

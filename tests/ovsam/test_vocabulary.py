@@ -376,3 +376,17 @@ def test_from_names_validates_before_encoding(clip_and_tokenizer):
 def test_unknown_builtin_lists_choices():
     with pytest.raises(ValueError, match="available: coco, lvis, imagenet21k"):
         Vocabulary.class_list("objects365")
+
+
+def test_a_synonym_in_two_classes_is_reported(tiny_model, caplog):
+    import logging
+
+    from ovsam import Vocabulary
+
+    with caplog.at_level(logging.WARNING, logger="ovsam.vocabulary"):
+        Vocabulary.from_names(["couch,sofa", "Sofa,settee", "chair"], tiny_model, progress=False)
+    assert "'sofa' (classes 0 'couch' and 1 'Sofa')" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ovsam.vocabulary"):
+        Vocabulary.from_names(["couch,sofa", "chair"], tiny_model, progress=False)
+    assert "synonym" not in caplog.text
