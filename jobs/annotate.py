@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobs.args import UsageError, add_storage_options, float_in, positive_int, storage_options
+from jobs.args import UsageError, add_storage_options, float_in, non_negative_int, positive_int, storage_options
 from pipeline.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels stored per instance (default: 5)")
     p.add_argument("--store-embeddings", action="store_true",
                    help="store float16 region embeddings so `ovsam relabel` can re-label without the images")
-    p.add_argument("--points-per-side", type=positive_int, default=16,
-                   help="grid density for --prompts grid (default: 16)")
+    g = p.add_argument_group("--prompts grid (everything mode: a point grid, the stable masks kept)")
+    g.add_argument("--points-per-side", type=positive_int, default=16, help="grid density (default: 16)")
+    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.9,
+                   help="keep masks at least this stable (IoU of the mask at logit thresholds +1 and -1) "
+                        "(default: 0.9)")
+    g.add_argument("--box-nms-thresh", type=float_in(0.0, 1.0), default=0.7,
+                   help="IoU of the class-agnostic box NMS between the grid's masks (default: 0.7)")
+    g.add_argument("--pred-iou-thresh", type=float_in(0.0, 1.0), default=0.88,
+                   help="SAM models' predicted-IoU filter; OV-SAM has no IoU head and ignores it (default: 0.88)")
+    g.add_argument("--min-mask-area", type=non_negative_int, default=0,
+                   help="drop masks with fewer pixels (default: 0)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="float type the model computes in: auto (bf16 where the workers' device computes it "
                         "natively, else fp32; resolved on the driver), fp32 (as published), bf16, fp16 "
@@ -132,6 +141,10 @@ def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_h
         "vocabulary_hash": vocabulary_hash, "prompts": st.prompts, "detector_score_thresh": st.detector_score_thresh,
         "max_detections": st.max_detections, "top_k": st.top_k, "store_embeddings": st.store_embeddings,
         "points_per_side": st.points_per_side, "max_pixels": cfg.max_pixels, "precision": precision,
+        # the grid's filters change only grid runs' results (and only their hash, so other runs resume as before)
+        **({"stability_score_thresh": st.stability_score_thresh, "box_nms_thresh": st.box_nms_thresh,
+            "pred_iou_thresh": st.pred_iou_thresh, "min_mask_area": st.min_mask_area}
+           if st.prompts == "grid" else {}),
         "compile": bool(st.compile),
     }
 
@@ -269,11 +282,15 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
     for flag, value, minimum in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 1),
                                  ("--max-pixels", cfg.max_pixels, 1), ("--limit", cfg.limit, 1),
                                  ("--top-k", st.top_k, 1), ("--max-detections", st.max_detections, 1),
-                                 ("--points-per-side", st.points_per_side, 1)):
+                                 ("--points-per-side", st.points_per_side, 1),
+                                 ("--min-mask-area", st.min_mask_area, 0)):
         if value is not None and value < minimum:
             raise UsageError(f"{flag} must be >= {minimum}, got {value}")
-    if not 0.0 <= st.detector_score_thresh <= 1.0:
-        raise UsageError(f"--detector-score-thresh must be in [0, 1], got {st.detector_score_thresh}")
+    for flag, value in (("--detector-score-thresh", st.detector_score_thresh),
+                        ("--stability-score-thresh", st.stability_score_thresh),
+                        ("--box-nms-thresh", st.box_nms_thresh), ("--pred-iou-thresh", st.pred_iou_thresh)):
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"{flag} must be in [0, 1], got {value}")
     if st.precision not in PRECISION_CHOICES:
         raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {st.precision!r}")
     try:

@@ -75,11 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=64 * 1024 * 1024,
                    help="larger images are refused (default: 67108864)")
     g = p.add_argument_group("--everything")
-    g.add_argument("--points-per-side", type=positive_int, default=32, help="grid density (default: 32)")
+    g.add_argument("--points-per-side", type=positive_int, default=16, help="grid density (default: 16)")
     g.add_argument("--pred-iou-thresh", type=float_in(0.0, 1.0), default=0.88,
                    help="SAM models' predicted-IoU filter (OV-SAM has no IoU head) (default: 0.88)")
-    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.95,
-                   help="keep masks at least this stable (default: 0.95)")
+    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.9,
+                   help="keep masks at least this stable (default: 0.9, as ovsam annotate --prompts grid)")
     g.add_argument("--box-nms-thresh", type=float_in(0.0, 1.0), default=0.7,
                    help="IoU of the class-agnostic box NMS (default: 0.7)")
     g.add_argument("--min-mask-area", type=non_negative_int, default=0,

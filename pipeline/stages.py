@@ -52,6 +52,8 @@ class ModelStageConfig:
     points_per_side: int = 16
     stability_score_thresh: float = 0.9
     box_nms_thresh: float = 0.7
+    pred_iou_thresh: float = 0.88
+    min_mask_area: int = 0
     device: str = "cpu"
     precision: str = "auto"
     compile: bool = False
@@ -190,6 +192,7 @@ class Annotator:
             self.generator = ovsam.OvsamMaskGenerator(
                 self.model, self.vocabulary, points_per_side=config.points_per_side,
                 stability_score_thresh=config.stability_score_thresh, box_nms_thresh=config.box_nms_thresh,
+                pred_iou_thresh=config.pred_iou_thresh, min_mask_area=config.min_mask_area,
                 top_k=config.top_k, output_mode="binary_mask",
             )
 

@@ -55,6 +55,9 @@ ANNOTATE_CASES = [
     (["--max-pixels", "0"], 2, "--max-pixels"),
     (["--points-per-side", "0"], 2, "--points-per-side"),
     (["--detector-score-thresh", "1.5"], 2, "--detector-score-thresh"),
+    (["--prompts", "grid", "--stability-score-thresh", "2"], 2, "--stability-score-thresh"),
+    (["--prompts", "grid", "--box-nms-thresh", "-0.1"], 2, "--box-nms-thresh"),
+    (["--prompts", "grid", "--min-mask-area", "-1"], 2, "--min-mask-area"),
     (["--cpus-per-worker", "0"], 2, "--cpus-per-worker"),
     (["--precision", "fp64"], 2, "--precision"),
     (["--storage-options", "{bad"], 2, "--storage-options"),
@@ -117,3 +120,30 @@ def test_a_closed_pipe_is_not_an_error(tmp_path):
     out = subprocess.run(f"{sys.executable} -m jobs.cli models | head -1", shell=True, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.count("\n") == 1 and "BrokenPipe" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_grid_settings_reach_the_generator_and_the_config_hash(tmp_path):
+    import argparse
+
+    from jobs.annotate import add_arguments, config_from_args, hashed_config
+    from pipeline.stages import Annotator
+
+    def cfg(*extra):
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        return config_from_args(p.parse_args(["--input", "x.tar", "--output", str(tmp_path / "o"), *extra]))
+
+    grid = cfg("--prompts", "grid", "--points-per-side", "4", "--stability-score-thresh", "0.5",
+               "--box-nms-thresh", "0.6", "--min-mask-area", "12", "--pred-iou-thresh", "0.7")
+    st = grid.stage
+    assert (st.points_per_side, st.stability_score_thresh, st.box_nms_thresh, st.min_mask_area,
+            st.pred_iou_thresh) == (4, 0.5, 0.6, 12, 0.7)
+    gen = Annotator(st).generator
+    assert (gen.points_per_side, gen.stability_score_thresh, gen.box_nms_thresh, gen.min_mask_area,
+            gen.pred_iou_thresh) == (4, 0.5, 0.6, 12, 0.7)
+    h = hashed_config(grid, None, "v")
+    assert h["stability_score_thresh"] == 0.5 and h["min_mask_area"] == 12
+    assert hashed_config(cfg("--prompts", "grid", "--points-per-side", "4"), None, "v") != h
+    # the grid's filters do not enter other runs' hashes: those resume as before
+    side = hashed_config(cfg("--stability-score-thresh", "0.5"), None, "v")
+    assert side == hashed_config(cfg(), None, "v") and "stability_score_thresh" not in side
