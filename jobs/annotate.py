@@ -335,6 +335,7 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     import fsspec
 
     import ovsam
+    from pipeline.decode import IMAGE_EXTENSIONS
     from pipeline.ledger import Ledger, config_hash, write_run_json
     from pipeline.run import plan_cluster, run_shards
     from pipeline.sources import expand_shards
@@ -343,11 +344,19 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     validate_config(cfg, fs, root)
     shards = expand_shards(list(cfg.inputs), cfg.storage_options)
+    images = [s.url for s in shards if s.url.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    if images:  # read as tars they would commit empty shards
+        raise UsageError(f"--input {images[0]}{f' (and {len(images) - 1} more)' if len(images) > 1 else ''} is an "
+                         "image file; annotate reads WebDataset tar shards (key.jpg + key.json members): label "
+                         "single images with `ovsam predict`")
     model = ovsam.build_ovsam(cfg.stage.model, checkpoint=cfg.stage.checkpoint)
     untrained = cfg.stage.checkpoint is None
     if untrained:
         print(UNTRAINED_WARNING.format(model=cfg.stage.model), file=sys.stderr, flush=True)
-    vocabulary = ovsam.Vocabulary.resolve(cfg.stage.vocabulary, model, progress=False)
+    try:
+        vocabulary = ovsam.Vocabulary.resolve(cfg.stage.vocabulary, model, progress=False)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--vocabulary {cfg.stage.vocabulary}: {e}") from None
     device, precision = resolve_job_precision(cfg)
     hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash, precision)
     chash = config_hash(hashed)

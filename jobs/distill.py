@@ -365,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray Train workers (default 2); for --dump-teacher, teacher actors (0: in this process; "
                         "default 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     p.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept")
     p.add_argument("--output", default=None,

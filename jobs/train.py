@@ -215,7 +215,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help=f"AdamW learning rate (default: the published {PUBLISHED_LR} x total batch / "
                         f"{PUBLISHED_BATCH}; a small random-init model learns in minutes only at ~3e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
     p.add_argument("--clip-grad-norm", type=float, default=PUBLISHED_CLIP,
                    help=f"global gradient-norm clip (default: the published {PUBLISHED_CLIP}; 0 = no clipping)")
     p.add_argument("--warmup-steps", type=int, default=None,
@@ -260,11 +260,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps between metric reports to Ray Train (every step is logged; default 10)")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader processes per training worker and dataset (default 0: decode in the loop)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data mixture and the prompts (default: 0)")
     p.add_argument("--num-workers", type=int, default=2,
                    help="Ray Train workers (default 2; 0 = run in this process without Ray)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default: 1)")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
     p.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept")
     p.add_argument("--name", required=True, help="run name; a relaunch with the same name resumes")

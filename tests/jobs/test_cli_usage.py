@@ -64,6 +64,8 @@ ANNOTATE_CASES = [
     (["--storage-options", "[1]"], 2, "--storage-options"),
     (["--output", "{file}"], 2, "--output"),
     (["--input", "{missing}"], 1, "--input"),
+    (["--input", "{image}"], 2, "--input"),
+    (["--vocabulary", "{missing_vocab}"], 2, "--vocabulary"),
 ]
 
 
@@ -73,10 +75,13 @@ def test_invalid_annotate_writes_nothing_and_the_corrected_run_proceeds(tmp_path
     out = tmp_path / "out"
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    fill = {"{missing}": str(tmp_path / "missing.pt"), "{file}": str(a_file)}
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"\xff\xd8 not really")
+    fill = {"{missing}": str(tmp_path / "missing.pt"), "{file}": str(a_file), "{image}": str(image),
+            "{missing_vocab}": str(tmp_path / "classes.txt")}
     extra = [fill.get(x, x) for x in extra]
     base = {"--input": str(shard), "--output": str(out), "--vocabulary": "coco"}
-    for flag in ("--input", "--output"):
+    for flag in ("--input", "--output", "--vocabulary"):
         if flag in extra:
             base.pop(flag)
     argv = ["annotate", *[x for kv in base.items() for x in kv], *extra]
