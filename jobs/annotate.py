@@ -30,7 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobs.args import UsageError, add_storage_options, float_in, non_negative_int, positive_int, storage_options
+from jobs.args import (UsageError, add_grid_arguments, add_storage_options, check_ovsam_model, float_in,
+                       positive_int, storage_options)
 from pipeline.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
@@ -80,17 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels stored per instance (default: 5)")
     p.add_argument("--store-embeddings", action="store_true",
                    help="store float16 region embeddings so `ovsam relabel` can re-label without the images")
-    g = p.add_argument_group("--prompts grid (everything mode: a point grid, the stable masks kept)")
-    g.add_argument("--points-per-side", type=positive_int, default=16, help="grid density (default: 16)")
-    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.9,
-                   help="keep masks at least this stable (IoU of the mask at logit thresholds +1 and -1) "
-                        "(default: 0.9)")
-    g.add_argument("--box-nms-thresh", type=float_in(0.0, 1.0), default=0.7,
-                   help="IoU of the class-agnostic box NMS between the grid's masks (default: 0.7)")
-    g.add_argument("--pred-iou-thresh", type=float_in(0.0, 1.0), default=0.88,
-                   help="SAM models' predicted-IoU filter; OV-SAM has no IoU head and ignores it (default: 0.88)")
-    g.add_argument("--min-mask-area", type=non_negative_int, default=0,
-                   help="drop masks with fewer pixels (default: 0)")
+    add_grid_arguments(p.add_argument_group("--prompts grid (everything mode: a point grid, the stable masks "
+                                            "kept)"))
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="float type the model computes in: auto (bf16 where the workers' device computes it "
                         "natively, else fp32; resolved on the driver), fp32 (as published), bf16, fp16 "
@@ -274,8 +266,6 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
     """Every check that needs no Ray and writes nothing, run on the driver before anything starts: numeric ranges,
     the prompt mode, the detector (built once from its weights), the model name, the checkpoint file and the
     output location. Raises :class:`jobs.args.UsageError` (exit 2) naming the option."""
-    import ovsam
-    from ovsam.config import OvsamConfig
     from pipeline.proposals import TorchvisionDetector, parse_prompt_mode
 
     st = cfg.stage
@@ -308,23 +298,9 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
             raise UsageError(f"--detector-weights {st.detector_weights}: no such file") from None
         except (ValueError, RuntimeError, KeyError) as e:
             raise UsageError(f"--prompts {st.prompts} with --detector-weights {st.detector_weights}: {e}") from None
-    try:
-        config = ovsam.load_config(st.model)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--model: {e} (or a model config JSON file)") from None
-    if not isinstance(config, OvsamConfig):
-        raise UsageError(f"--model {st.model!r} is a SAM config; annotation needs an OV-SAM model (see `ovsam models`)")
-    if st.checkpoint is not None and not fsspec_exists(st.checkpoint):
-        raise UsageError(f"--checkpoint {st.checkpoint}: no such file")
+    check_ovsam_model(st.model, st.checkpoint)
     if fs.isfile(root):
         raise UsageError(f"--output {cfg.output} is a file; pass a directory (a local path or a URL)")
-
-
-def fsspec_exists(url: str) -> bool:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return bool(fs.isfile(path))
 
 
 def run_annotate(cfg: AnnotateConfig) -> Any:

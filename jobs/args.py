@@ -81,5 +81,39 @@ def float_in(low: float, high: float | None = None, *, low_open: bool = False) -
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
-__all__ = ["STORAGE_HELP", "UsageError", "add_storage_options", "float_in", "int_at_least", "json_object", "non_negative_int",
+
+def add_grid_arguments(g: Any) -> None:
+    """Everything mode's options (a point grid, the stable masks kept), shared by ``annotate --prompts grid`` and
+    ``predict --everything`` so both mean and default the same."""
+    g.add_argument("--points-per-side", type=positive_int, default=16, help="grid density (default: 16)")
+    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.9,
+                   help="keep masks at least this stable (IoU of the mask at logit thresholds +1 and -1) "
+                        "(default: 0.9)")
+    g.add_argument("--box-nms-thresh", type=float_in(0.0, 1.0), default=0.7,
+                   help="IoU of the class-agnostic box NMS between the grid's masks (default: 0.7)")
+    g.add_argument("--pred-iou-thresh", type=float_in(0.0, 1.0), default=0.88,
+                   help="SAM models' predicted-IoU filter; OV-SAM has no IoU head and ignores it (default: 0.88)")
+    g.add_argument("--min-mask-area", type=non_negative_int, default=0,
+                   help="drop masks with fewer pixels (default: 0)")
+
+
+def check_ovsam_model(model: str, checkpoint: str | None) -> None:
+    """``--model`` names an OV-SAM config (built-in name or JSON file) and ``--checkpoint``, if given, exists (any
+    fsspec URL). Raises :class:`UsageError`. Torch-free."""
+    import fsspec
+
+    from ovsam.config import OvsamConfig, load_config
+
+    try:
+        config = load_config(model)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model: {e} (or a model config JSON file)") from None
+    if not isinstance(config, OvsamConfig):
+        raise UsageError(f"--model {model!r} is a SAM config; this needs an OV-SAM model (see `ovsam models`)")
+    if checkpoint is not None:
+        fs, path = fsspec.core.url_to_fs(str(checkpoint))
+        if not fs.isfile(path):
+            raise UsageError(f"--checkpoint {checkpoint}: no such file")
+
+__all__ = ["STORAGE_HELP", "UsageError", "add_grid_arguments", "add_storage_options", "check_ovsam_model", "float_in", "int_at_least", "json_object", "non_negative_int",
            "positive_int", "storage_options"]

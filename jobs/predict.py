@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.args import UsageError, float_in, non_negative_int, positive_int
+from jobs.args import UsageError, add_grid_arguments, check_ovsam_model, positive_int
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -74,16 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels per instance (default: 5)")
     p.add_argument("--max-pixels", type=positive_int, default=64 * 1024 * 1024,
                    help="larger images are refused (default: 67108864)")
-    g = p.add_argument_group("--everything")
-    g.add_argument("--points-per-side", type=positive_int, default=16, help="grid density (default: 16)")
-    g.add_argument("--pred-iou-thresh", type=float_in(0.0, 1.0), default=0.88,
-                   help="SAM models' predicted-IoU filter (OV-SAM has no IoU head) (default: 0.88)")
-    g.add_argument("--stability-score-thresh", type=float_in(0.0, 1.0), default=0.9,
-                   help="keep masks at least this stable (default: 0.9, as ovsam annotate --prompts grid)")
-    g.add_argument("--box-nms-thresh", type=float_in(0.0, 1.0), default=0.7,
-                   help="IoU of the class-agnostic box NMS (default: 0.7)")
-    g.add_argument("--min-mask-area", type=non_negative_int, default=0,
-                   help="drop masks with fewer pixels (default: 0)")
+    add_grid_arguments(p.add_argument_group("--everything"))
 
 
 def _prompts(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,23 +120,16 @@ def read_image(url: str, max_pixels: int) -> Any:
 
 
 def _instances(pred: Any, names: list[str] | None, top_k: int, prompts: list[dict]) -> list[dict[str, Any]]:
-    """``Prediction`` -> instance dicts (the overlay's row layout plus the prompt and the top-k)."""
+    """``Prediction`` -> instance dicts: ``Prediction.to_records`` (the overlay's row layout) plus each prompt and
+    its top-k ``[name, score]``."""
     import numpy as np
 
-    from ovsam.masks import encode_rle
-
-    rles = encode_rle(np.asarray(pred.masks, dtype=bool))
     out = []
-    for i, rle in enumerate(rles):
-        inst: dict[str, Any] = {"prompt": prompts[i], "mask_rle": rle, "area": int(pred.masks[i].sum()),
-                                "box_xyxy": [float(v) for v in pred.boxes_xyxy[i]],
-                                "quality": float(pred.iou_scores[i])}
+    for i, rec in enumerate(pred.to_records()):
+        inst = {"prompt": prompts[i], **rec}
         if pred.labels is not None:
-            scores = np.asarray(pred.label_scores[i], dtype=np.float64)
-            label = int(pred.labels[i])
-            order = np.argsort(-scores, kind="stable")[:top_k]
-            inst.update(label=label, label_name=names[label], label_score=float(scores[label]),
-                        topk=[[names[int(k)], float(scores[int(k)])] for k in order])
+            order = np.argsort(-np.asarray(pred.label_scores[i], dtype=np.float64), kind="stable")[:top_k]
+            inst["topk"] = [[names[int(k)], float(pred.label_scores[i, int(k)])] for k in order]
         out.append(inst)
     return out
 
@@ -178,20 +162,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir = None if to_stdout else Path(args.output)
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output {out_dir} is a file; pass a directory or -")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file() and "://" not in args.checkpoint:
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+    check_ovsam_model(args.model, args.checkpoint)
     import torch
 
     import ovsam
     from ovsam.automatic import OvsamMaskGenerator
     from pipeline.overlay import render_overlay
 
-    try:
-        config = ovsam.load_config(args.model)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--model: {e}") from None
-    if not isinstance(config, ovsam.OvsamConfig):
-        raise UsageError(f"--model {args.model!r} is a SAM config; predict needs an OV-SAM model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ovsam.build_ovsam(args.model, checkpoint=args.checkpoint, device=device, precision=args.precision)
     vocabulary = ovsam.Vocabulary.resolve(args.vocabulary, model, progress=False)

@@ -51,7 +51,8 @@ class RelPosAttention(Attention):
             rel_h = torch.einsum("bhwc,hkc->bhwk", q.reshape(heads, H, W, -1), get_rel_pos(H, H, self.rel_pos_h))
             rel_w = torch.einsum("bhwc,wkc->bhwk", q.reshape(heads, H, W, -1), get_rel_pos(W, W, self.rel_pos_w))
             dtype = rel_h.dtype
-            q = torch.cat([(q * self.scale).to(dtype), rel_h.reshape(heads, H * W, H), rel_w.reshape(heads, H * W, W)], -1)
+            q = torch.cat([(q * self.scale).to(dtype), rel_h.reshape(heads, H * W, H),
+                           rel_w.reshape(heads, H * W, W)], -1)
             eye_h = torch.eye(H, dtype=dtype, device=x.device).repeat_interleave(W, 0)  # key (i, j) -> e_i
             eye_w = torch.eye(W, dtype=dtype, device=x.device).repeat(H, 1)  # key (i, j) -> e_j
             keys = torch.cat([eye_h, eye_w], 1).expand(heads, -1, -1)
