@@ -9,9 +9,11 @@
   sampling frequencies follow the weights and no batch mixes datasets (acceptance 4);
 - the output file loads with ``build_ovsam`` and ``ovsam annotate --checkpoint``, and exports the released layout.
 
-Run time: about 16 min on 2 cores (this file and test_trainer.py together; the reference run, 1,200 trunk warm-up
-steps then 800 CLIP2SAM steps with both evaluations, is 400-700 s of it, depending on the CPU). The reference run is
-the acceptance run for learning: the random-init mask decoder leaves its all-background plateau only after ~250-300
+Run time: about 9 min on 2 cores (this file and test_trainer.py together). The default suite's learning run is
+the shipped recipe with its two phases shortened (``SHORT_RUN``: 250 trunk warm-up steps, then 250 CLIP2SAM steps on
+the same cosine schedule), which shows a clear gain in about 4-5 min and gives the interruption tests a trained model
+to continue. The recipe as shipped (1,200 + 800 steps, 7-12 min) is the acceptance run for learning and is marked
+``slow`` (``make test-all``): the random-init mask decoder leaves its all-background plateau only after ~250-300
 steps, and labels need a trunk whose channels tell the shapes apart, which the warm-up trains.
 """
 
@@ -40,10 +42,11 @@ REPO = Path(__file__).resolve().parents[2]
 # classification train the calibrated random CLIP trunk first, then 800 CLIP2SAM steps at lr 2e-3 with a 75-step
 # warm-up, cosine decay and no clipping, 4 images x 10 prompts per worker, 1024 mask points, bare-name text
 # embeddings; the CLIP trunk and the neck train too, and masks are classified on their largest part's box.
-STEPS = SYNTHETIC_RECIPE["steps"]
-TOTAL_STEPS = SYNTHETIC_RECIPE["trunk_warmup"] + STEPS  # the trunk warm-up, then the CLIP2SAM steps
 CHECKPOINT_EVERY = 100
 TRAIN_ARGS = {**SYNTHETIC_RECIPE, "checkpoint_every": CHECKPOINT_EVERY, "eval_samples": 48, "report_every": 20}
+SHORT_RUN = {"trunk_warmup": 250, "steps": 250}
+SHORT_STEPS = SHORT_RUN["trunk_warmup"] + SHORT_RUN["steps"]  # the trunk warm-up, then the CLIP2SAM steps
+TOTAL_STEPS = SYNTHETIC_RECIPE["trunk_warmup"] + SYNTHETIC_RECIPE["steps"]
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +78,10 @@ def _final_state(metrics: dict) -> dict:
     return trainer.read_state(metrics["checkpoint"])
 
 
-@pytest.fixture(scope="module")
-def reference(ray_local, shards, tmp_path_factory) -> dict:
-    """The uninterrupted run: 2 workers, evaluated before and after training."""
-    out = tmp_path_factory.mktemp("reference")
+def _run_reference(shards: Path, out: Path, **kw) -> dict:
+    """An uninterrupted run on 2 workers, evaluated before and after training."""
     start = time.time()
-    metrics = run_train(_config(shards, out / "runs", "reference", eval_at_start=True),
+    metrics = run_train(_config(shards, out / "runs", "reference", eval_at_start=True, **kw),
                         output=str(out / "model.safetensors"))
     metrics["test_wall_s"] = time.time() - start
     metrics["out"] = out
@@ -88,13 +89,41 @@ def reference(ray_local, shards, tmp_path_factory) -> dict:
     return metrics
 
 
-def test_training_improves_heldout_iou_and_accuracy(reference):
-    m = reference
-    assert m["step"] == TOTAL_STEPS and m["world_size"] == 2 and m["batches/synthetic"] == TOTAL_STEPS
+def _split(m: dict) -> tuple[dict, dict]:
     before = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("initial/synthetic/")}
     after = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("eval/synthetic/")}
     for prompt in ("box", "point"):  # untrained: near chance
         assert before[f"{prompt}/miou"] < 0.1 and before[f"{prompt}/acc"] < 0.2
+    assert after["box/count"] > 100  # every held-out instance was scored once, over both workers
+    return before, after
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, shards, tmp_path_factory) -> dict:
+    """The short run (``SHORT_RUN``), which the interruption and output tests continue from."""
+    return _run_reference(shards, tmp_path_factory.mktemp("reference"), **SHORT_RUN)
+
+
+def test_short_run_clearly_improves_heldout_iou_and_accuracy(reference):
+    m = reference
+    assert m["step"] == SHORT_STEPS and m["world_size"] == 2 and m["batches/synthetic"] == SHORT_STEPS
+    before, after = _split(m)
+    # Measured on a 2-core AMD EPYC (seed 0, 252 s): box prompts mIoU 0.03 -> 0.35, top-1 0.07 -> 0.29, on GT boxes
+    # 0.05 -> 0.58; single clicks mIoU 0.04 -> 0.35, top-1 0.03 -> 0.28; the warm-up's probe 0.67. The masks are
+    # still leaving the decoder's all-background plateau; the margins leave room for other CPUs' float kernels.
+    assert after["box/miou"] > before["box/miou"] + 0.2, (before, after)
+    assert after["box/acc"] > before["box/acc"] + 0.12, (before, after)
+    assert after["box/gt_box_acc"] > before["box/gt_box_acc"] + 0.3, (before, after)
+    assert after["point/miou"] > before["point/miou"] + 0.2, (before, after)
+    assert after["point/acc"] > before["point/acc"] + 0.12, (before, after)
+    assert m["warmup/synthetic/probe_acc"] > 0.45
+
+
+@pytest.mark.slow
+def test_shipped_recipe_improves_heldout_iou_and_accuracy(ray_local, shards, tmp_path):
+    m = _run_reference(shards, tmp_path)
+    assert m["step"] == TOTAL_STEPS and m["world_size"] == 2 and m["batches/synthetic"] == TOTAL_STEPS
+    before, after = _split(m)
     # masks and labels far above the untrained model. Measured (a run repeats bit for bit on one machine, not across
     # CPUs) on a 2-core AMD EPYC, seeds 0, 1 and 2: box prompts mIoU 0.03 -> 0.81 (all three), top-1 0.07 -> 0.79,
     # 0.68, 0.74, on GT boxes 0.05 -> 0.81, 0.73, 0.80; single clicks mIoU 0.04 -> 0.73, 0.73, 0.76, top-1 0.03 ->
@@ -107,7 +136,6 @@ def test_training_improves_heldout_iou_and_accuracy(reference):
     assert after["point/acc"] > before["point/acc"] + 0.3, (before, after)
     # the warm-up's probe on the held-out GT boxes (0.70-0.78 over both machines)
     assert m["warmup/synthetic/probe_acc"] > 0.5
-    assert after["box/count"] > 100  # every held-out instance was scored once, over both workers
 
 
 def _close(a: dict, b: dict, keys: list[str], tol: float) -> None:
@@ -224,7 +252,7 @@ def test_output_loads_for_annotate_and_exports_released(reference, tmp_path):
     # the trained model classifies with the head alone, on the RoI rule of the recipe
     assert not model.config.recognition.ensemble
     assert model.config.recognition.roi_box == SYNTHETIC_RECIPE["roi_box"]
-    assert read_metadata(out / "model.safetensors")["trained_steps"] == str(TOTAL_STEPS)
+    assert read_metadata(out / "model.safetensors")["trained_steps"] == str(SHORT_STEPS)
     # the released layout holds the neck, FPN and head, but has no place for a trained CLIP trunk
     with pytest.raises(ValueError, match="no place for a trained CLIP trunk"):
         run_train(_config(Path("/nonexistent"), tmp_path / "runs", "released"), export_released=str(tmp_path))
