@@ -209,6 +209,23 @@ class Annotator:
         outputs = self.run_model(samples, emit=self.chunk_rows)
         return [self.finish(o) for o in outputs]
 
+    def warm_up(self, width: int = 640, height: int = 480) -> list[SampleResult]:
+        """One pass of the box path (and the detector, in detector mode) over a flat grey ``width`` x ``height``
+        image with one box, rows included, so that first-call costs (kernel selection, allocator growth, lazy
+        imports) are paid before the first shard instead of inside it. Returns the throw-away results."""
+        image = np.full((height, width, 3), 114, dtype=np.uint8)
+        if self.detector is not None:
+            self.detector([image])
+        box = np.array([[width * 0.25, height * 0.25, width * 0.75, height * 0.75]], dtype=np.float64)
+        s = SampleInput(key="_warm_up", image=image, width=width, height=height,
+                        proposals=Proposals(boxes=box, scores=[None], labels=[None]))
+        self.prepare(s)
+        try:
+            outputs = self._predict([s], self.chunk_rows)
+        finally:
+            s.prepared = None
+        return [self.finish(out) for out in outputs]
+
     # ---------------------------------------------------------------------------------------------------------
     # prepare: CPU work ahead of the model
     def prepare(self, s: SampleInput) -> SampleInput:

@@ -52,7 +52,9 @@ class WorkerConfig:
     ``torch_threads`` / ``decode_threads`` are given. ``read_ahead`` (default ``2 * batch_size``, at least 4)
     bounds the decoded samples waiting for the model. ``prepare_ahead`` (default: on GPU workers) makes the model
     input on the decode threads instead of the model thread, and ``helper_nice`` (default: 19 on CPU workers, 0 on
-    GPU workers) is added to the niceness of the reader, decode and row threads; see :func:`helper_plan`."""
+    GPU workers) is added to the niceness of the reader, decode and row threads; see :func:`helper_plan`.
+    ``warm_up`` runs :meth:`Annotator.warm_up` and the Parquet encoder once when the worker starts, so that the
+    first shard does not pay first-call costs (a failure there is logged and left to the shards to report)."""
 
     output: str
     stage: ModelStageConfig
@@ -66,6 +68,7 @@ class WorkerConfig:
     read_ahead: int | None = None
     prepare_ahead: bool | None = None
     helper_nice: int | None = None
+    warm_up: bool = True
 
 
 def to_stage_input(d: DecodedSample) -> SampleInput:
@@ -255,6 +258,24 @@ class ShardWorker:
         self.annotator = Annotator(dataclasses.replace(config.stage, device=device))
         self.fs, self.root = fsspec.core.url_to_fs(config.output, **config.storage_options)
         self.require_prompts = config.stage.prompts == "sidecar"
+        self.warm_up_s = self._warm_up() if config.warm_up else None
+
+    def _warm_up(self) -> float | None:
+        """:meth:`Annotator.warm_up` and the sink's; seconds, or None when it failed (logged: the shards then
+        meet the same failure and report it per sample)."""
+        from .sinks import warm_up
+
+        t = time.perf_counter()
+        try:
+            results = self.annotator.warm_up()
+            warm_up([{**row, "shard": "_warm_up"} for r in results for row in r.instance_rows],
+                    [{**r.image_row, "shard": "_warm_up"} for r in results])
+        except Exception:
+            logger.exception("the worker's warm-up pass failed")
+            return None
+        seconds = time.perf_counter() - t
+        logger.info("worker warm-up: %.2fs", seconds)
+        return seconds
 
     def _decode(self, sample: Any) -> SampleInput:
         """Decode-pool work for one sample: decode, then the model-input image."""
@@ -376,7 +397,7 @@ class ShardWorker:
                 "read_error": None if report is None else report.error, "timings": timings,
                 "background": dict(clock.seconds), "seconds": seconds,
                 "model_seconds": timings["model"], "model_busy_pct": model_busy_pct(timings["model"], seconds),
-                "precision": annotator.precision,
+                "precision": annotator.precision, "warm_up_s": self.warm_up_s,
                 "threads": {"torch": self.torch_threads, "decode": self.decode_threads,
                             "helper_nice": self.helper_nice, "prepare_ahead": self.prepare_ahead},
                 "manifest": manifest}
