@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from pipeline import sources
+from pipeline import tar_reader
 from pipeline.decode import STATUSES, decode_sample
 from pipeline.sources import Sample, ShardReadReport, iter_samples
 from tests.pipeline import corpus
@@ -52,7 +52,7 @@ def _shards() -> dict[str, bytes]:
 
 
 def _read(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Sample], ShardReadReport]:
-    monkeypatch.setattr(sources, "open_with_retry", lambda *a, **k: io.BytesIO(data))
+    monkeypatch.setattr(tar_reader, "open_with_retry", lambda *a, **k: io.BytesIO(data))
     reader = iter_samples("mem://fuzz.tar", use_index=False)
     samples = list(reader)
     report = reader.report

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import pytest
 
-from pipeline import sources
+from pipeline import shard_io, sources, tar_reader
 from pipeline.shard_bytes import TarBytes, describe_bytes
 from pipeline.sources import (
     ShardRef,
@@ -21,8 +21,8 @@ from pipeline.sources import (
     expand_shards,
     iter_samples,
     read_expected_count,
-    split_member_name,
 )
+from pipeline.tar_reader import split_member_name
 from tests.pipeline import corpus
 
 
@@ -266,9 +266,9 @@ def test_transient_errors_retry_at_open_and_resume_at_offset(tmp_path: Path, mon
         opens["n"] += 1
         return _Flaky(data, fail_at=third_sample_header + 100)
 
-    monkeypatch.setattr(sources, "open_with_retry", fake_open)
+    monkeypatch.setattr(tar_reader, "open_with_retry", fake_open)
     _Flaky.budget["n"] = 2
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.shard_io"):
         reader = iter_samples("mem://x.tar", use_index=False, backoff_s=0.0)
         samples = list(reader)
     assert len(samples) == 4 and reader.report.error is None and not reader.report.truncated
@@ -295,8 +295,8 @@ def test_open_with_retry_retries_transient_but_not_missing(monkeypatch) -> None:
                 raise ConnectionError("temporary")
             return io.BytesIO(b"ok")
 
-    monkeypatch.setattr(sources.fsspec.core, "url_to_fs", lambda url, **kw: (FS(), url))
-    assert sources.open_with_retry("s3://b/x.tar", backoff_s=0.0).read() == b"ok" and calls["n"] == 3
+    monkeypatch.setattr(shard_io.fsspec.core, "url_to_fs", lambda url, **kw: (FS(), url))
+    assert shard_io.open_with_retry("s3://b/x.tar", backoff_s=0.0).read() == b"ok" and calls["n"] == 3
 
     class Missing:
         def open(self, path, mode):
@@ -304,9 +304,9 @@ def test_open_with_retry_retries_transient_but_not_missing(monkeypatch) -> None:
             raise FileNotFoundError(path)
 
     calls["n"] = 0
-    monkeypatch.setattr(sources.fsspec.core, "url_to_fs", lambda url, **kw: (Missing(), url))
+    monkeypatch.setattr(shard_io.fsspec.core, "url_to_fs", lambda url, **kw: (Missing(), url))
     with pytest.raises(FileNotFoundError):
-        sources.open_with_retry("s3://b/x.tar", backoff_s=0.0)
+        shard_io.open_with_retry("s3://b/x.tar", backoff_s=0.0)
     assert calls["n"] == 1
 
 
@@ -439,7 +439,7 @@ def test_compression_formats_and_bombs_stream_in_bounded_pieces(monkeypatch) -> 
 
     plain = corpus.tar_bytes(corpus.good_cases())
     for packed in (gzip.compress(plain), bz2.compress(plain), lzma.compress(plain)):
-        monkeypatch.setattr(sources, "open_with_retry", lambda *a, **k: io.BytesIO(packed))
+        monkeypatch.setattr(tar_reader, "open_with_retry", lambda *a, **k: io.BytesIO(packed))
         reader = iter_samples("mem://x.tar", use_index=False)
         assert len(list(reader)) == 4 and reader.report.error is None
     # 64 MiB of zeros gzip to ~64 KiB; the reader stops at the first zero block and never holds more than a
@@ -470,7 +470,7 @@ def test_corrupt_cut_and_padded_compressed_streams(monkeypatch, caplog) -> None:
     padded = packed + b"\0" * 1000  # tape-style zero padding after the gzip stream
     results = {}
     for name, data in (("corrupt", bytes(corrupt)), ("cut", packed[:30]), ("padded", padded)):
-        monkeypatch.setattr(sources, "open_with_retry", lambda *a, d=data, **k: io.BytesIO(d))
+        monkeypatch.setattr(tar_reader, "open_with_retry", lambda *a, d=data, **k: io.BytesIO(d))
         reader = iter_samples("mem://x.tar", use_index=False)
         results[name] = (list(reader), reader.report)
     samples, report = results["corrupt"]
@@ -486,7 +486,7 @@ def test_read_failure_inside_a_compressed_shard_is_a_read_failure(monkeypatch) -
     import gzip
 
     packed = gzip.compress(corpus.tar_bytes(corpus.good_cases()), mtime=0)
-    monkeypatch.setattr(sources, "open_with_retry", lambda *a, **k: _Flaky(packed, fail_at=len(packed) // 2))
+    monkeypatch.setattr(tar_reader, "open_with_retry", lambda *a, **k: _Flaky(packed, fail_at=len(packed) // 2))
     _Flaky.budget["n"] = 100
     reader = iter_samples("mem://x.tar.gz", use_index=False, backoff_s=0.0, open_retries=1)
     list(reader)
@@ -551,7 +551,7 @@ def test_problems_are_capped_and_counted(tmp_path: Path) -> None:
     (tmp_path / "n.tar").write_bytes(corpus.tar_bytes([], extra=extra))
     reader = iter_samples(str(tmp_path / "n.tar"))
     assert list(reader) == []
-    assert len(reader.report.problems) == sources.MAX_REPORTED_PROBLEMS + 1
+    assert len(reader.report.problems) == tar_reader.MAX_REPORTED_PROBLEMS + 1
     assert reader.report.problems[-1] == "... and 150 more problems"
 
 
@@ -561,7 +561,7 @@ def test_a_reader_bug_becomes_a_report_not_an_exception(tmp_path: Path, monkeypa
     def broken(name: str):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sources, "split_member_name", broken)
+    monkeypatch.setattr(tar_reader, "split_member_name", broken)
     reader = iter_samples(str(tmp_path / "a.tar"))
     assert list(reader) == []
     assert reader.report.error == "unexpected RuntimeError while reading the shard: boom"
