@@ -52,6 +52,8 @@ class AnnotateConfig:
     num_gpus_per_worker: float | None = None
     cpus_per_worker: float | None = None
     max_pixels: int = 64 * 1024 * 1024
+    images_per_shard: int = 1000
+    url_column: str = "url"
     limit: int | None = None
     dry_run: bool = False
     overwrite: bool = False
@@ -63,8 +65,14 @@ class AnnotateConfig:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", dest="inputs", action="append", required=True, metavar="URLS",
-                   help="shard URLs: a glob, a brace range (shard-{000000..000999}.tar) or a file listing URLs; "
-                        "repeatable")
+                   help="what to annotate (repeatable): WebDataset tar shards (URLs, a glob, a brace range "
+                        "shard-{000000..000999}.tar, or a .txt file listing them), a directory or glob of image "
+                        "files (recursive), one image file, or a Parquet/CSV/JSONL list of image paths or URLs")
+    p.add_argument("--images-per-shard", type=positive_int, default=1000,
+                   help="image files per virtual shard, the unit of commit and resume for directory, glob and "
+                        "URL-list inputs (default: 1000)")
+    p.add_argument("--url-column", default="url",
+                   help="the column of a Parquet/CSV/JSONL --input that holds image paths or URLs (default: url)")
     p.add_argument("--output", required=True, help="output URL (local path, s3://, gs://, ...)")
     p.add_argument("--model", default="ovsam-tiny", help="model name (see `ovsam models`)")
     p.add_argument("--checkpoint", default=None, help="project checkpoint file for the model")
@@ -189,6 +197,8 @@ def estimate_work(shards: list[Any], storage_options: dict[str, Any]) -> tuple[i
     from pipeline.sources import read_expected_count
 
     def one(shard: Any) -> tuple[int, int | None]:
+        if shard.members:  # a virtual shard of image files: its listing has the sizes and the count
+            return sum(shard.sizes), len(shard.members)
         fs, path = fsspec.core.url_to_fs(shard.url, **storage_options)
         try:
             size = int(fs.size(path) or 0)
@@ -200,6 +210,25 @@ def estimate_work(shards: list[Any], storage_options: dict[str, Any]) -> tuple[i
         found = list(pool.map(one, shards))
     counts = [c for _, c in found if c is not None]
     return sum(size for size, _ in found), sum(counts), len(counts)
+
+
+def check_listing(shards: list[Any], committed: set[str], ledger: Any) -> None:
+    """Refuse to resume when a committed virtual shard (image files) now stands for other files: its manifest
+    records the range and digest of its files' names, which must equal the shard's from today's listing."""
+    changed = []
+    manifests = None
+    for ref in shards:
+        if ref.members and ref.name in committed:
+            manifests = ledger.manifests() if manifests is None else manifests
+            recorded = manifests.get(ref.name, {}).get("input_url")
+            if recorded != ref.url:
+                changed.append((ref.name, recorded, ref.url))
+    if changed:
+        name, recorded, now = changed[0]
+        raise UsageError(f"the image files of --input changed since {len(changed)} committed shard(s) were written "
+                         f"(e.g. {name}: committed as {recorded}, now {now}); files added, removed or renamed, or "
+                         "another --images-per-shard, move images between shards. Restore the listing, or write "
+                         "to a new --output (or pass --overwrite to start over)")
 
 
 def _duration(seconds: float) -> str:
@@ -311,7 +340,6 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     import fsspec
 
     import ovsam
-    from pipeline.decode import IMAGE_EXTENSIONS
     from pipeline.ledger import Ledger, config_hash, write_run_json
     from pipeline.run import plan_cluster, run_shards
     from pipeline.sources import expand_shards
@@ -319,12 +347,8 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
 
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     validate_config(cfg, fs, root)
-    shards = expand_shards(list(cfg.inputs), cfg.storage_options)
-    images = [s.url for s in shards if s.url.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
-    if images:  # read as tars they would commit empty shards
-        raise UsageError(f"--input {images[0]}{f' (and {len(images) - 1} more)' if len(images) > 1 else ''} is an "
-                         "image file; annotate reads WebDataset tar shards (key.jpg + key.json members): label "
-                         "single images with `ovsam predict`")
+    shards = expand_shards(list(cfg.inputs), cfg.storage_options, images_per_shard=cfg.images_per_shard,
+                           url_column=cfg.url_column)
     model = ovsam.build_ovsam(cfg.stage.model, checkpoint=cfg.stage.checkpoint)
     untrained = cfg.stage.checkpoint is None
     if untrained:
@@ -339,6 +363,7 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     ledger = Ledger(fs, root)
     ledger.check_config(chash, hashed, overwrite=cfg.overwrite)
     done = ledger.committed_shards(chash)
+    check_listing(shards, done, ledger)
     pending = [s for s in shards if s.name not in done]
     if cfg.limit is not None:
         pending = pending[: cfg.limit]

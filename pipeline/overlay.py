@@ -117,35 +117,39 @@ def overlay_filename(shard: str, key: str) -> str:
 
 
 def _source_urls(fs: Any, root: str, shards_done: list[str], manifests: dict[str, dict], run: dict | None,
-                 shards: list[str] | None, storage_options: dict) -> dict[str, str]:
-    """Committed shard name -> URL of its original tar.
+                 shards: list[str] | None, storage_options: dict) -> dict[str, Any]:
+    """Committed shard name -> ``ShardRef`` of its input (a tar, or a virtual shard of image files).
 
     With ``shards`` (URLs, globs, brace patterns or list files), a committed shard is matched by the exact URL its
     manifest records, else by shard name (for a copy of the corpus elsewhere). Without, the inputs recorded in
     ``run.json`` are used the same way, and finally the manifest's own input URL.
     """
-    from .sources import expand_shards
+    from .image_files import VIRTUAL_MARK
+    from .sources import ShardRef, expand_shards
 
     spec = shards if shards else (run or {}).get("config", {}).get("inputs")
     refs = []
     if spec:
         try:
-            refs = expand_shards(list(spec), storage_options, allow_missing=True)
+            recorded_cfg = (run or {}).get("config", {})
+            refs = expand_shards(list(spec), storage_options, allow_missing=True,
+                                 images_per_shard=recorded_cfg.get("images_per_shard"),
+                                 url_column=recorded_cfg.get("url_column"))
         except ValueError as e:
             if shards:
                 raise
             logger.warning("the inputs recorded in run.json no longer expand (%s); using the manifests' URLs", e)
-    by_url = {r.url: r.url for r in refs}
-    by_name = {r.name: r.url for r in refs}
+    by_url = {r.url: r for r in refs}
+    by_name = {r.name: r for r in refs}
     out = {}
     for shard in shards_done:
         recorded = manifests[shard].get("input_url")
         if recorded in by_url:
-            out[shard] = recorded
+            out[shard] = by_url[recorded]
         elif shard in by_name:
             out[shard] = by_name[shard]
-        elif not shards and recorded:
-            out[shard] = recorded
+        elif not shards and recorded and VIRTUAL_MARK not in recorded:
+            out[shard] = ShardRef(recorded, shard)
     return out
 
 
@@ -164,7 +168,7 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
 
     from .decode import DEFAULT_MAX_PIXELS, decode_sample
     from .ledger import Ledger
-    from .sources import iter_samples
+    from .sources import open_shard
 
     storage_options = dict(storage_options or {})
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
@@ -207,7 +211,7 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
         by_key: dict[str, list[dict]] = {}
         for row in sorted(instances, key=lambda r: r["instance_index"]):
             by_key.setdefault(row["image_key"], []).append(row)
-        reader = iter_samples(urls[shard], storage_options, shard=shard)
+        reader = open_shard(urls[shard], storage_options)
         try:
             for sample in reader:
                 if sample.key not in wanted:
@@ -220,7 +224,8 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
                 row = wanted.pop(sample.key)
                 got = (decoded.image.shape[1], decoded.image.shape[0])
                 if got != (row["width"], row["height"]):
-                    raise ValueError(f"{urls[shard]}: {sample.key!r} decodes to {got[0]}x{got[1]}, it was annotated "
+                    raise ValueError(f"{urls[shard].url}: {sample.key!r} decodes to {got[0]}x{got[1]}, it was "
+                                     "annotated "
                                      f"at {row['width']}x{row['height']}; pass --shards with the annotated shards")
                 path = out_dir / overlay_filename(shard, sample.key)
                 if path in written:  # two keys that differ only in "/" vs "_"
@@ -235,10 +240,10 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
             reader.close()
         report = reader.report
         if report is not None and report.read_failed and report.samples_read == 0:
-            raise ValueError(f"shard {shard}: could not read {urls[shard]} ({report.error}); pass --shards with "
+            raise ValueError(f"shard {shard}: could not read {urls[shard].url} ({report.error}); pass --shards with "
                              "the original shard URLs")
         if wanted and len(written) < limit:
-            logger.warning("shard %s: %d annotated images not found in %s", shard, len(wanted), urls[shard])
+            logger.warning("shard %s: %d annotated images not found in %s", shard, len(wanted), urls[shard].url)
     if skipped:
         logger.info("skipped images by status: %s", json.dumps(skipped, sort_keys=True))
     return written

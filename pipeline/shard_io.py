@@ -28,10 +28,18 @@ _NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One input shard: ``url`` as fsspec opens it, ``name`` a unique filesystem-safe id used for output files."""
+    """One input shard: ``url`` as fsspec opens it, ``name`` a unique filesystem-safe id used for output files.
+
+    A virtual shard of image files (``pipeline.image_files``) also lists its files: ``members`` (their URLs, in
+    order), ``keys`` (their sample keys), ``sidecars`` (per file, the URLs of its sidecar JSON, if any) and
+    ``sizes`` (bytes, as listed); its ``url`` then names the input and the range, and is not opened."""
 
     url: str
     name: str
+    members: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    sidecars: tuple[tuple[str, ...], ...] = ()
+    sizes: tuple[int, ...] = ()
 
 
 @dataclass

@@ -147,26 +147,64 @@ def _missing(urls: list[str], storage_options: dict) -> list[str]:
     return missing
 
 
+def _is_tar(url: str) -> bool:
+    return url.lower().split("?", 1)[0].endswith(TAR_SUFFIXES)
+
+
+def _is_image_file(url: str) -> bool:
+    from .decode import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+
+    ext = posixpath.basename(url.split("?", 1)[0]).rsplit(".", 1)[-1].lower()
+    return "." in posixpath.basename(url) and ext in IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS
+
+
+def _image_prefixes(inputs: list[str]) -> dict[str, str]:
+    """Shard-name prefixes for image inputs: the input's base name, made unique with a hash of its URL."""
+    from .image_files import _root_name
+
+    names = {u: _root_name(u) for u in inputs}
+    counts: dict[str, int] = {}
+    for n in names.values():
+        counts[n] = counts.get(n, 0) + 1
+    return {u: (n if counts[n] == 1 else f"{n}-{hashlib.sha1(u.encode('utf-8')).hexdigest()[:8]}")
+            for u, n in names.items()}
+
+
 def expand_shards(
     spec: str | list[str],
     storage_options: dict | None = None,
     *,
     allow_missing: bool = False,
+    images_per_shard: int | None = None,
+    url_column: str | None = None,
 ) -> list[ShardRef]:
-    """Expand a shard spec into ``ShardRef``s in sorted URL order, without duplicates.
+    """Expand an input spec into ``ShardRef``s: tar shards in sorted URL order, then the virtual shards of image
+    inputs (``pipeline.image_files``) in sorted input order, without duplicates.
 
     ``spec`` is a URL, a brace pattern (``shard-{000000..000999}.tar``, ``{a,b}``), a glob (``s3://b/c/*.tar``),
     a list file of URLs (``@urls.txt``, or a path ending in ``.txt``/``.list``; one entry per line, ``#``
-    comments; entries may themselves be patterns), or a list of any of these. Explicit URLs that do not exist
-    raise ``ValueError`` naming them unless ``allow_missing`` (then they are dropped with a warning); a glob
-    that matches nothing raises ``ValueError`` too.
+    comments; entries may themselves be patterns), or a list of any of these. What each entry is:
+
+    - a Parquet, CSV or JSONL file: a list of image paths or URLs in its ``url_column``;
+    - a directory: its tar files (recursively) when it holds any, else its image files, recursively;
+    - a glob: the tars it matches; when it matches no tar, the files it matches are image files;
+    - a file with an image extension: that image; any other file: a tar shard.
+
+    Image inputs are cut into shards of ``images_per_shard`` files. Explicit URLs that do not exist raise
+    ``ValueError`` naming them unless ``allow_missing`` (then they are dropped with a warning); a glob that matches
+    nothing raises ``ValueError`` too.
     """
+    from .image_files import DEFAULT_IMAGES_PER_SHARD, DEFAULT_URL_COLUMN, expand_image_input, is_table_list
+
     storage_options = dict(storage_options or {})
+    images_per_shard = DEFAULT_IMAGES_PER_SHARD if images_per_shard is None else images_per_shard
+    url_column = url_column or DEFAULT_URL_COLUMN
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
         raise ValueError("expected at least one shard URL, pattern or list file; got an empty spec")
     urls: list[str] = []
     explicit: list[str] = []
+    image_inputs: list[str] = []
     pending = list(items)
     while pending:
         item = pending.pop(0).strip()
@@ -187,11 +225,31 @@ def expand_shards(
                 matches = [m for m in matches if not fs.isdir(m)]
                 if not matches:
                     raise ValueError(f"glob {url!r} matched no shards; check the bucket/prefix and storage options")
-                urls.extend(_with_protocol(url, m) for m in matches)
-            else:
-                url = _normalize_local(url)
-                urls.append(url)
+                tars = [m for m in matches if _is_tar(m)]
+                if tars:
+                    urls.extend(_with_protocol(url, m) for m in tars)
+                else:
+                    image_inputs.append(url)
+                continue
+            url = _normalize_local(url)
+            if is_table_list(url):
+                image_inputs.append(url)
+                continue
+            if not _is_tar(url) and not _is_image_file(url):
+                fs, path = fsspec.core.url_to_fs(url, **storage_options)
+                if fs.isdir(path):
+                    tars = sorted(p for p in fs.find(path) if _is_tar(p))
+                    if tars:
+                        urls.extend(_with_protocol(url, p) for p in tars)
+                    else:
+                        image_inputs.append(url)
+                    continue
+            if _is_image_file(url):
                 explicit.append(url)
+                image_inputs.append(url)
+                continue
+            urls.append(url)
+            explicit.append(url)
     urls = sorted(set(urls))
     missing = _missing(sorted(set(explicit)), storage_options) if explicit else []
     if missing:
@@ -202,9 +260,35 @@ def expand_shards(
         logger.warning("skipping %d missing shard(s): %s", len(missing), shown)
         gone = set(missing)
         urls = [u for u in urls if u not in gone]
-    if not urls:
+        image_inputs = [u for u in image_inputs if u not in gone]
+    refs = [ShardRef(url, name) for url, name in zip(urls, shard_names(urls))]
+    image_inputs = sorted(set(image_inputs))
+    prefixes = _image_prefixes(image_inputs)
+    taken = {r.name for r in refs}
+    for url in image_inputs:
+        for ref in expand_image_input(url, storage_options, images_per_shard=images_per_shard,
+                                      url_column=url_column, prefix=prefixes[url]):
+            if ref.name in taken:
+                raise ValueError(f"input {url} gives shard name {ref.name}, which another input already has; "
+                                 "rename one of them")
+            taken.add(ref.name)
+            refs.append(ref)
+    if not refs:
         raise ValueError(f"shard spec {spec!r} expanded to no existing shards")
-    return [ShardRef(url, name) for url, name in zip(urls, shard_names(urls))]
+    return refs
+
+
+def open_shard(ref: ShardRef, storage_options: dict | None = None, **kwargs: Any) -> Any:
+    """Stream the samples of ``ref``: a tar shard's (``ShardReader``) or a virtual shard's image files
+    (``FileListReader``). Either iterates ``Sample``s and has ``report`` (a ``ShardReadReport``) once iteration has
+    ended, and ``close()``."""
+    if ref.members:
+        from .image_files import FileListReader
+
+        allowed = {k: v for k, v in kwargs.items() if k in ("max_member_bytes", "open_retries", "backoff_s")}
+        return FileListReader(ref, storage_options, shard=kwargs.get("shard", ref.name), **allowed)
+    kwargs.setdefault("shard", ref.name)
+    return ShardReader(ref.url, storage_options, **kwargs)
 
 
 def iter_samples(

@@ -7,8 +7,9 @@ with the manifest last, so a killed worker leaves nothing visible and a rerun re
 
 Threads of a worker while it processes a shard (the model never waits for the others unless they fall behind):
 
-- **reader** (one): streams the shard (``iter_samples``) and hands each sample to the decode pool, at most
-  ``read_ahead`` samples ahead of the model, so memory does not grow with the shard;
+- **reader** (one): streams the shard (``open_shard``: a tar, or a virtual shard's image files) and hands each
+  sample to the decode pool, at most ``read_ahead`` samples ahead of the model, so memory does not grow with the
+  shard;
 - **decode pool** (``decode_threads``): ``decode_sample`` (Pillow releases the GIL for the pixel work) and, on GPU
   workers, ``Annotator.prepare`` (RGB, resize, normalise, pad: the model-input image);
 - **model** (the caller's thread): ``Annotator.run_model`` on batches of ``batch_size`` samples in shard order
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 from .decode import DEFAULT_MAX_PIXELS, DecodedSample, decode_sample
 from .proposals import Proposals
-from .sources import ShardRef, iter_samples
+from .sources import ShardRef, open_shard
 from .stages import Annotator, ModelOutput, ModelStageConfig, PromptChunk, SampleInput, SampleResult
 
 logger = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ class ShardWorker:
         timings = {"wait_input": 0.0, "model": 0.0, "wait_rows": 0.0, "write": 0.0}
         clock = _Stopwatch("read", "decode", "prepare", "rows")
         budget = _ByteBudget(MASK_BUDGET_BYTES)
-        reader = iter_samples(shard.url, self.config.storage_options, shard=shard.name)
+        reader = open_shard(shard, self.config.storage_options)
         limit = self.config.read_ahead or max(2 * self.config.batch_size, 4)
         annotator = self.annotator
         finished: list[Future] = []

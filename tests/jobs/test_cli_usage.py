@@ -64,7 +64,8 @@ ANNOTATE_CASES = [
     (["--storage-options", "[1]"], 2, "--storage-options"),
     (["--output", "{file}"], 2, "--output"),
     (["--input", "{missing}"], 1, "--input"),
-    (["--input", "{image}"], 2, "--input"),
+    (["--images-per-shard", "0"], 2, "--images-per-shard"),
+    (["--input", "{list}"], 1, "--url-column"),
     (["--vocabulary", "{missing_vocab}"], 2, "--vocabulary"),
 ]
 
@@ -75,9 +76,9 @@ def test_invalid_annotate_writes_nothing_and_the_corrected_run_proceeds(tmp_path
     out = tmp_path / "out"
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    image = tmp_path / "photo.jpg"
-    image.write_bytes(b"\xff\xd8 not really")
-    fill = {"{missing}": str(tmp_path / "missing.pt"), "{file}": str(a_file), "{image}": str(image),
+    url_list = tmp_path / "images.csv"
+    url_list.write_text("path\nphoto.jpg\n")
+    fill = {"{missing}": str(tmp_path / "missing.pt"), "{file}": str(a_file), "{list}": str(url_list),
             "{missing_vocab}": str(tmp_path / "classes.txt")}
     extra = [fill.get(x, x) for x in extra]
     base = {"--input": str(shard), "--output": str(out), "--vocabulary": "coco"}

@@ -364,3 +364,37 @@ def test_duckdb_reads_float16_lists(tmp_path):
     assert got[1] is None
     for want, have in ((values[0], got[0]), (values[2], got[2])):
         assert have == [float(v) for v in want.astype(np.float32)]
+
+
+def test_image_folder_and_url_list_in_bucket(s3, ray_session, corpus, tmp_path):
+    """A prefix of image files (nested, with a sidecar and a file that is not an image) and a Parquet list of
+    relative paths beside them, read through s3fs: one row per file, in virtual shards of 2."""
+    import boto3
+
+    from tests.pipeline.corpus import good_jpeg, good_png, sidecar
+
+    _, vocab = corpus
+    client = boto3.client("s3", endpoint_url=s3.url, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY)
+    files = {"photos/a/1.jpg": good_jpeg(40, 32), "photos/a/1.json": sidecar(boxes=[[2, 2, 30, 30]]),
+             "photos/a/b/2.png": good_png(36, 30), "photos/3.jpg": good_jpeg(50, 40), "photos/readme.md": b"# hi"}
+    for key, body in files.items():
+        client.put_object(Bucket=IN_BUCKET, Key=key, Body=body)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"url": ["a/1.jpg", "3.jpg"]}), buf)
+    client.put_object(Bucket=IN_BUCKET, Key="photos/list.parquet", Body=buf.getvalue())
+    from pipeline.sources import expand_shards
+
+    refs = expand_shards(f"s3://{IN_BUCKET}/photos/", s3.storage_options(), images_per_shard=2)
+    assert [r.keys for r in refs] == [("3.jpg", "a/1.jpg"), ("a/b/2.png", "list.parquet"), ("readme.md",)]
+    run = run_cli(s3, [f"s3://{IN_BUCKET}/photos/a/", f"s3://{IN_BUCKET}/photos/list.parquet"],
+                  f"s3://{OUT_BUCKET}/photos/", vocab, "--prompts", "whole-image", "--images-per-shard", "2")
+    assert run.exit_code == 0, run.stderr + run.log_text[-5000:]
+    fs = s3.pyarrow_fs()
+    rows = []
+    for path, data in _read_objects(fs, f"{OUT_BUCKET}/photos/images/").items():
+        rows += pq.read_table(pa.BufferReader(data)).to_pylist()
+    assert sorted((r["shard"], r["image_key"], r["status"]) for r in rows) == [
+        ("a-img-000000", "1.jpg", "ok"), ("a-img-000000", "b/2.png", "ok"),
+        ("list-img-000000", "3.jpg", "ok"), ("list-img-000000", "a/1.jpg", "ok")]
+    assert SECRET_KEY not in run.stdout + run.stderr + run.log_text
