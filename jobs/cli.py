@@ -146,20 +146,44 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_coco(args: argparse.Namespace) -> int:
-    """Write the committed annotations of an output as COCO instances JSON (RLE segmentation)."""
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the committed annotations of an output for a labelling tool (``--format``; ``export-coco`` is
+    ``--format coco``), and with ``--images-dir`` the annotated images beside them."""
     import json
 
     import fsspec
 
-    from pipeline.export import export_coco
+    from pipeline.export import export_coco, write_images
+    from pipeline.export_tools import label_studio_tasks, write_yolo_seg
 
+    fmt = getattr(args, "format", "coco")
+    if args.tolerance < 0:
+        raise UsageError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
     storage = storage_options(args.storage_options)
     fs, root = fsspec.core.url_to_fs(args.input, **storage)
-    coco = export_coco(fs, root)
-    with fsspec.open(str(args.output), "w", **storage) as f:  # any fsspec URL (s3://...), like --input
-        f.write(json.dumps(coco))
-    print(f"wrote {args.output}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+    if not fs.exists(f"{root.rstrip('/')}/run.json"):
+        raise UsageError(f"--input {args.input} is not the output of `ovsam annotate` (no run.json)")
+    out_fs, out_path = fsspec.core.url_to_fs(str(args.output), **storage)
+    if fmt == "yolo-seg" and out_fs.isfile(out_path):
+        raise UsageError(f"-o {args.output} is a file; --format yolo-seg writes a directory")
+    if fmt != "yolo-seg" and out_fs.isdir(out_path):
+        raise UsageError(f"-o {args.output} is a directory; --format {fmt} writes one JSON file")
+    coco = export_coco(fs, root, polygons=args.polygons or fmt == "cvat", tolerance=args.tolerance)
+    images_dir = args.images_dir or (f"{str(args.output).rstrip('/')}/images" if fmt == "yolo-seg" else None)
+    written = 0
+    if images_dir:
+        written = write_images(args.input, coco["images"], images_dir, storage_options=storage, shards=args.shards)
+    if fmt == "yolo-seg":
+        write_yolo_seg(coco, str(args.output), storage_options=storage, tolerance=args.tolerance)
+    else:
+        doc: object = coco
+        if fmt == "label-studio":
+            doc = label_studio_tasks(coco, image_prefix=args.image_prefix, polygons=args.polygons,
+                                     tolerance=args.tolerance)
+        with fsspec.open(str(args.output), "w", **storage) as f:  # any fsspec URL (s3://...), like --input
+            f.write(json.dumps(doc))
+    print(f"wrote {args.output} ({fmt}): {len(coco['images'])} images, {len(coco['annotations'])} annotations"
+          + (f"; {written} images to {images_dir}" if images_dir else ""))
     return 0
 
 
@@ -280,13 +304,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(show)
     show.set_defaults(func=cmd_show)
 
-    exp = sub.add_parser("export-coco", help="committed annotations -> COCO instances JSON",
-                         description="Write the committed shards of an annotation output as COCO instances JSON "
-                                     "(RLE segmentation), loadable by pycocotools.coco.COCO.")
-    exp.add_argument("--input", required=True, help="annotation output URL")
-    exp.add_argument("-o", "--output", required=True, help="JSON file to write (local path or any fsspec URL)")
-    add_storage_options(exp)
-    exp.set_defaults(func=cmd_export_coco)
+    export_help = ("Write the committed shards of an annotation output as COCO instances JSON, loadable by "
+                   "pycocotools.coco.COCO and importable by CVAT (\"COCO 1.0\"), FiftyOne and Label Studio's COCO "
+                   "importer. file_name is the image file's path relative to its input, or <shard>/<key>.<ext> for "
+                   "a tar sample; --images-dir writes the images there under those names.")
+    for name in ("export", "export-coco"):
+        exp = sub.add_parser(name, help="committed annotations -> COCO instances JSON" + (
+                             " (alias of export --format coco)" if name == "export-coco" else ""),
+                             description=export_help)
+        if name == "export":
+            exp.add_argument("--format", default="coco", choices=("coco", "cvat", "label-studio", "yolo-seg"),
+                             help="coco: COCO instances JSON (RLE masks, or polygons with --polygons); cvat: COCO "
+                                  "with polygons, for CVAT's \"COCO 1.0\" import; label-studio: tasks JSON with "
+                                  "predictions (brush masks, or polygons with --polygons); yolo-seg: -o is a "
+                                  "directory of labels/, images/ and data.yaml (default: coco)")
+            exp.add_argument("--image-prefix", default="", metavar="URL",
+                             help="label-studio: prepended to each file_name in the tasks' data.image (e.g. "
+                                  "/data/local-files/?d=photos/ for local storage)")
+        exp.add_argument("--input", required=True, help="annotation output URL")
+        exp.add_argument("-o", "--output", required=True, help="JSON file to write (local path or any fsspec URL)")
+        exp.add_argument("--images-dir", default=None, metavar="DIR",
+                         help="also copy the annotated images (original bytes) to DIR/<file_name> (any fsspec URL)")
+        exp.add_argument("--shards", action="append", default=None, metavar="URLS",
+                         help="where the annotated inputs are now, for --images-dir (default: the inputs recorded "
+                              "in run.json)")
+        exp.add_argument("--polygons", action="store_true",
+                         help="polygons (OpenCV outer contours) instead of RLE masks; a mask too small for a "
+                              "polygon keeps its RLE")
+        exp.add_argument("--tolerance", type=float, default=1.0, metavar="PX",
+                         help="polygon simplification tolerance in pixels, 0 for none (default: 1)")
+        add_storage_options(exp)
+        exp.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="list the built-in model configs")
     models.set_defaults(func=cmd_models)

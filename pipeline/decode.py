@@ -78,7 +78,8 @@ class DecodedSample:
     """A decoded sample. ``image`` is ``HxWx3`` uint8 RGB or None; ``boxes_xyxy`` ``[N, 4]`` float64 and
     ``points`` ``[M, 2]`` float64 in original (EXIF-oriented) pixels; ``scores``/``labels`` align with
     ``boxes_xyxy``; ``dropped_prompts`` lists ``(where, reason)`` for discarded prompts (at most
-    ``MAX_LISTED_DROPS`` of them plus a summary entry; ``num_prompts_dropped`` is the full count)."""
+    ``MAX_LISTED_DROPS`` of them plus a summary entry; ``num_prompts_dropped`` is the full count). ``source_name``
+    is the image's name as exports write it: the tar member's (``<key>.<ext>``) or the image file's path."""
 
     key: str
     image: np.ndarray | None
@@ -96,6 +97,7 @@ class DecodedSample:
     dropped_prompts: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dropped_total: int | None = None
+    source_name: str | None = None
 
     @property
     def num_prompts_dropped(self) -> int:
@@ -446,7 +448,7 @@ def decode_sample(
         logger.exception("unexpected error decoding sample %s/%s", sample.shard, sample.key)
         return DecodedSample(key=sample.key, image=None, width=None, height=None, source_format=None,
                              status="decode_error", error=f"unexpected {type(exc).__name__} while decoding: {exc}",
-                             sidecar=None, shard=sample.shard)
+                             sidecar=None, shard=sample.shard, source_name=sample.source_name)
 
 
 def _no_image_reason(sample: Sample) -> str:
@@ -467,6 +469,7 @@ def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool, ma
     out = DecodedSample(key=sample.key, image=None, width=None, height=None, source_format=None,
                         status="ok", error=None, sidecar=None, shard=sample.shard)
     out.notes.extend(sample.notes)
+    out.source_name = sample.source_name
     sidecar_error: str | None = None
     if "json" in sample.files:
         try:
@@ -487,6 +490,8 @@ def _decode_sample(sample: Sample, *, max_pixels: int, require_prompts: bool, ma
     if not present:
         return fail("decode_error", _no_image_reason(sample))
     image_ext = present[0]
+    if out.source_name is None:
+        out.source_name = f"{sample.key}.{image_ext}"
     if len(present) > 1:
         out.notes.append(f"several image members ({', '.join(present)}); decoded .{image_ext}")
     try:

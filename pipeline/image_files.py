@@ -240,7 +240,7 @@ class FileListReader:
             if self._closed:
                 return
             ext = _extension(url) or _extension(key)
-            sample = Sample(key=key, files={}, shard=self.shard)
+            sample = Sample(key=key, files={}, shard=self.shard, source_name=key)
             try:
                 data = self._read(url)
                 nbytes += len(data)

@@ -116,7 +116,7 @@ def overlay_filename(shard: str, key: str) -> str:
     return f"{_UNSAFE.sub('_', shard)}__{safe}.png"
 
 
-def _source_urls(fs: Any, root: str, shards_done: list[str], manifests: dict[str, dict], run: dict | None,
+def source_refs(fs: Any, root: str, shards_done: list[str], manifests: dict[str, dict], run: dict | None,
                  shards: list[str] | None, storage_options: dict) -> dict[str, Any]:
     """Committed shard name -> ``ShardRef`` of its input (a tar, or a virtual shard of image files).
 
@@ -179,7 +179,7 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
     done = sorted(ledger.committed_shards(run["config_hash"]) if run and "config_hash" in run else manifests)
     if not done:
         raise ValueError(f"{output} has no committed shards; expected the output of `ovsam annotate`")
-    urls = _source_urls(fs, root, done, manifests, run, shards, storage_options)
+    urls = source_refs(fs, root, done, manifests, run, shards, storage_options)
     if not urls:
         raise ValueError(f"none of the {len(done)} committed shards of {output} matched a shard in "
                          f"{shards or 'run.json'}; pass --shards with the original shard URLs")

@@ -49,6 +49,8 @@ class Sample:
     ``errors`` holds per-sample read problems (an oversized member that was refused, a member cut by truncation,
     damage in the tar next to the sample); a sample with errors must become a status row, not be annotated as if
     complete. ``notes`` holds harmless oddities (a duplicate member, a symbolic link named like a member).
+    ``source_name`` is the image's own name where the reader knows it (an image file's path relative to its input
+    root); for a tar sample decoding makes it ``<key>.<image member's extension>``.
     """
 
     key: str
@@ -56,6 +58,7 @@ class Sample:
     shard: str
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    source_name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ class SampleInput:
     width: int | None = None
     height: int | None = None
     source_format: str | None = None
+    source_name: str | None = None
     proposals: Proposals | None = None
     num_prompts_dropped: int = 0
     notes: list[str] = field(default_factory=list)
@@ -508,5 +509,5 @@ def _image_row(s: SampleInput, num_instances: int, num_prompts: int) -> dict[str
     return {
         "image_key": s.key, "status": s.status, "error": s.error, "width": s.width, "height": s.height,
         "num_instances": num_instances, "num_prompts": num_prompts, "num_prompts_dropped": s.num_prompts_dropped,
-        "source_format": s.source_format,
+        "source_format": s.source_format, "source_name": s.source_name,
     }

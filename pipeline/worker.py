@@ -77,8 +77,8 @@ def to_stage_input(d: DecodedSample) -> SampleInput:
     props = Proposals(boxes=d.boxes_xyxy, points=d.points, scores=list(d.scores), labels=list(d.labels))
     notes = list(d.notes) + [f"prompt {i}: {r}" for i, r in d.dropped_prompts]
     return SampleInput(key=d.key, image=d.image, status=d.status, error=d.error, width=d.width, height=d.height,
-                       source_format=d.source_format, proposals=props, num_prompts_dropped=d.num_prompts_dropped,
-                       notes=notes)
+                       source_format=d.source_format, source_name=d.source_name, proposals=props,
+                       num_prompts_dropped=d.num_prompts_dropped, notes=notes)
 
 
 class ShardReadFailed(OSError):

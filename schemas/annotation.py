@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 STATUSES = ("ok", "decode_error", "bad_prompt", "no_prompts", "model_error")
 PROMPT_TYPES = ("box", "point", "grid", "whole_image", "detector")
 
@@ -52,6 +52,7 @@ IMAGES_SCHEMA = pa.schema([
     ("num_prompts", pa.int32()),
     ("num_prompts_dropped", pa.int32()),
     ("source_format", pa.string()),
+    ("source_name", pa.string()),
 ])
 
 

@@ -260,7 +260,8 @@ def handmade(corpus, tmp_path):
         d = decode_sample(sample, require_prompts=True)
         image_rows.append({"image_key": d.key, "shard": "bad-000000", "status": d.status, "error": d.error,
                            "width": d.width, "height": d.height, "num_instances": int(d.status == "ok"),
-                           "num_prompts": 1, "num_prompts_dropped": 0, "source_format": d.source_format})
+                           "num_prompts": 1, "num_prompts_dropped": 0, "source_format": d.source_format,
+                           "source_name": d.source_name})
         if d.status != "ok":
             continue
         h, w = d.image.shape[:2]

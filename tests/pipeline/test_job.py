@@ -107,7 +107,9 @@ def test_export_coco_loads_in_pycocotools(ray_local, corpus, tmp_path):
     images = {img["id"]: img for img in coco.dataset["images"]}
     for ann in coco.dataset["annotations"]:
         mask = coco.annToMask(ann).astype(bool)
-        shard, key = images[ann["image_id"]]["file_name"].split("/", 1)
+        image = images[ann["image_id"]]
+        shard, key = image["ovsam_shard"], image["ovsam_key"]
+        assert image["file_name"].startswith(f"{shard}/{key}.")  # the tar member's name, extension included
         match = [r for (s, k, _), r in rows.items() if s == shard and k == key
                  and r["mask_rle"]["counts"] == ann["segmentation"]["counts"]]
         assert match
