@@ -12,6 +12,17 @@ import zlib
 from typing import Any, Protocol
 
 
+def skip_by_reading(read: Any, n: int) -> int:
+    """Discard ``n`` bytes from ``read(size)`` in pieces of at most 1 MiB (never holding more); returns how many
+    were actually skipped (fewer at the end of the data)."""
+    skipped = 0
+    while skipped < n:
+        got = len(read(min(n - skipped, 1 << 20)))
+        if got == 0:
+            break
+        skipped += got
+    return skipped
+
 class TruncatedData(Exception):
     """The data ends before its own structure says it should (a cut tar, a cut compressed stream)."""
 
@@ -166,13 +177,7 @@ class TarBytes:
 
     def skip(self, n: int) -> int:
         """Discard ``n`` bytes without holding them in memory; returns how many were actually skipped."""
-        skipped = 0
-        while skipped < n:
-            got = len(self.read(min(n - skipped, 1 << 20)))
-            if got == 0:
-                break
-            skipped += got
-        return skipped
+        return skip_by_reading(self.read, n)
 
     def _step(self, limit: int) -> bytes:
         """Some decompressed bytes (maybe none), at most ``limit``; sets ``_ended`` at the clean end of the data."""

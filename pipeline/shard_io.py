@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import fsspec
 
+from .shard_bytes import skip_by_reading
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 512
@@ -151,13 +153,7 @@ class _ResumableStream:
 
     def skip(self, n: int) -> int:
         """Discard ``n`` bytes without holding them in memory; returns how many were actually skipped."""
-        skipped = 0
-        while skipped < n:
-            got = len(self.read(min(n - skipped, 1 << 20)))
-            if got == 0:
-                break
-            skipped += got
-        return skipped
+        return skip_by_reading(self.read, n)
 
     def _reopen(self) -> None:
         try:
