@@ -139,10 +139,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     storage = storage_options(args.storage_options)
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
-    paths = write_overlays(args.input, args.output, limit=args.n, shards=args.shards, storage_options=storage)
+    shown: list = []
+
+    def collect(path: Path, shard: str, key: str, instances: list[dict]) -> None:
+        from pipeline.report_html import ShownImage
+
+        shown.append(ShownImage(path, shard, key, [{"label_name": r["label_name"], "label_score": r["label_score"]}
+                                                   for r in instances]))
+
+    paths = write_overlays(args.input, args.output, limit=args.n, shards=args.shards, storage_options=storage,
+                           on_written=collect if args.html else None)
     for path in paths:
         print(path)
     print(f"wrote {len(paths)} overlay(s) to {args.output}")
+    if args.html:
+        from pipeline.report_html import write_html
+
+        page = write_html(shown, Path(args.output) / "index.html", title=f"ovsam annotations of {args.input}")
+        print(f"wrote {page}: {len(shown)} images with their labels and scores, filterable")
     return 0
 
 
@@ -301,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("-n", type=positive_int, default=8, help="number of images to render (default: 8)")
     show.add_argument("--output", type=Path, default=Path("overlays"),
                       help="directory for the PNGs (default: overlays)")
+    show.add_argument("--html", action="store_true",
+                      help="also write OUTPUT/index.html: one self-contained page of the images with each "
+                           "instance's label and score, filterable by label and minimum score")
     add_storage_options(show)
     show.set_defaults(func=cmd_show)
 

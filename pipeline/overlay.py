@@ -154,12 +154,13 @@ def source_refs(fs: Any, root: str, shards_done: list[str], manifests: dict[str,
 
 
 def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: list[str] | None = None,
-                   storage_options: dict | None = None) -> list[Path]:
+                   storage_options: dict | None = None, on_written: Any = None) -> list[Path]:
     """Render up to ``limit`` committed images of the annotation output ``output`` into ``out_dir``.
 
     Images are taken in (shard, tar) order from committed shards; only status ``ok`` images are drawn (the others
     are counted and logged). ``shards`` gives the original shard URLs when ``run.json``/the manifests do not point
-    at them any more. Returns the written paths (``<shard>__<key>.png``, see :func:`overlay_filename`).
+    at them any more. Returns the written paths (``<shard>__<key>.png``, see :func:`overlay_filename`);
+    ``on_written(path, shard, key, instance_rows)`` is called after each (``label_name``, ``label_score``, ...).
     Raises ``ValueError`` when no committed shard can be matched to a tar, when a matched tar cannot be opened, or
     when a decoded image's size differs from the one recorded for it (the tar is not the one that was annotated).
     """
@@ -234,6 +235,8 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
                 assert path.resolve().parent == base, path
                 render_overlay(decoded.image, by_key.get(sample.key, [])).save(path)
                 written.append(path)
+                if on_written is not None:
+                    on_written(path, shard, sample.key, by_key.get(sample.key, []))
                 if len(written) >= limit:
                     break
         finally:

@@ -267,3 +267,40 @@ def test_show_draws_images_of_virtual_shards(reference, tmp_path) -> None:
     assert len(paths) == 3 and all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert all(p.name.startswith("folder-img-000000__") for p in paths)
     assert io.BytesIO(paths[0].read_bytes()).read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_html_is_one_self_contained_filterable_page(reference, tmp_path, capsys) -> None:
+    from html.parser import HTMLParser
+
+    from jobs.cli import main
+
+    assert main(["show", "--input", str(reference["out"]), "--output", str(tmp_path / "show"), "-n", "6",
+                 "--html"]) == 0
+    page = (tmp_path / "show" / "index.html").read_text()
+
+    class Parse(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.srcs, self.items, self.options, self.figures = [], [], [], 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.srcs.append(a["src"])
+            elif tag == "li":
+                self.items.append((a["data-label"], float(a["data-score"])))
+            elif tag == "option" and a.get("value"):
+                self.options.append(a["value"])
+            elif tag == "figure":
+                self.figures += 1
+            assert not a.get("href") and tag != "link", "the page must not load other files"
+
+    p = Parse()
+    p.feed(page)
+    assert p.figures == 6 and len(p.srcs) == 6 and all(s.startswith("data:image/jpeg;base64,") for s in p.srcs)
+    shown = [r for r in reference["instances"] if r["shard"] == "folder-img-000000"
+             or r["shard"] == "folder-img-000001"]
+    assert sorted(p.options) == sorted({label for label, _ in p.items})
+    assert len(p.items) >= 1 and all(0.0 <= s <= 1.0 for _, s in p.items)
+    assert {label for label, _ in p.items} <= {r["label_name"] for r in shown}
+    assert 'id="score"' in page and 'id="label"' in page
