@@ -49,9 +49,9 @@ class ModelStageConfig:
     max_detections: int = 100
     top_k: int = 5
     store_embeddings: bool = False
-    points_per_side: int = 16
-    stability_score_thresh: float = 0.9
-    box_nms_thresh: float = 0.7
+    points_per_side: int = 32
+    stability_score_thresh: float = 0.6
+    box_nms_thresh: float = 0.85
     pred_iou_thresh: float = 0.88
     min_mask_area: int = 0
     device: str = "cpu"

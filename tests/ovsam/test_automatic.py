@@ -80,3 +80,25 @@ def test_bad_arguments(sam_tiny):
         OvsamMaskGenerator(sam_tiny, output_mode="png")
     with pytest.raises(ValueError, match="plain SAM"):
         OvsamMaskGenerator(sam_tiny, vocabulary=object())
+
+
+def test_defaults_follow_the_model_and_the_cli_uses_the_measured_ones(sam_tiny, tiny_model, tiny_vocab):
+    """SAM models keep segment-anything's filters; OV-SAM models (no IoU head: stability alone) get the ones
+    bench/grid.py measured, and annotate's and predict's grid options default to them."""
+    import argparse
+
+    from jobs.args import add_grid_arguments
+    from ovsam.automatic import OVSAM_GRID_DEFAULTS, SAM_GRID_DEFAULTS
+    from pipeline.stages import ModelStageConfig
+
+    sam = OvsamMaskGenerator(sam_tiny)
+    ov = OvsamMaskGenerator(tiny_model, tiny_vocab)
+    assert (sam.stability_score_thresh, sam.box_nms_thresh) == tuple(SAM_GRID_DEFAULTS.values()) == (0.95, 0.7)
+    assert (ov.stability_score_thresh, ov.box_nms_thresh) == tuple(OVSAM_GRID_DEFAULTS.values())
+    p = argparse.ArgumentParser()
+    add_grid_arguments(p)
+    args = p.parse_args([])
+    stage = ModelStageConfig()
+    for name, value in OVSAM_GRID_DEFAULTS.items():
+        assert getattr(args, name) == getattr(stage, name) == value
+    assert args.points_per_side == stage.points_per_side == ov.points_per_side == 32
