@@ -97,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)  # callers in the same process (tests) keep their thread count
+
+
+def _run(args: argparse.Namespace) -> int:
     import ovsam
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     demo = Path(args.demo)
     model_dir = demo / "model"
     checkpoint = model_dir / "ovsam-tiny-synthetic.safetensors"

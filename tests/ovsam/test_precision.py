@@ -143,7 +143,8 @@ def test_prompts_of_several_images_share_decoder_calls(tiny_model, tiny_vocab, m
     assert calls == [[0] * 4 + [1] * 2 + [2] * 3]
     calls.clear()
     one = predict_batch(tiny_model, images[1:2], prompts[1:2], tiny_vocab)[0]
-    np.testing.assert_allclose(one.low_res_logits, preds[1].low_res_logits, atol=1e-5)
+    # another batch composition rounds differently (GEMM blocking follows the batch and the thread count)
+    np.testing.assert_allclose(one.low_res_logits, preds[1].low_res_logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(one.masks, preds[1].masks)
 
 
