@@ -25,7 +25,9 @@ import posixpath
 from collections.abc import Iterator
 import fsspec
 
-from .shard_io import DEFAULT_MAX_MEMBER_BYTES, Sample, ShardReadReport, ShardRef, _is_transient, _SAFE, open_with_retry
+from .shard_io import (
+    _SAFE, DEFAULT_MAX_MEMBER_BYTES, Sample, ShardReadReport, ShardRef, _is_transient, _with_protocol, open_with_retry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,6 @@ def _root_name(url: str) -> str:
         base = base.rsplit(".", 1)[0]
     name = _SAFE.sub("_", base).strip("_") or "images"
     return "_" + name if name.startswith(".") else name
-
-
-def _with_protocol(original: str, path: str) -> str:
-    if "://" not in original:
-        return path
-    prefix = original.split("://", 1)[0] + "://"
-    return path if path.startswith(prefix) else prefix + (path if prefix == "file://" else path.lstrip("/"))
 
 
 def list_image_files(url: str, storage_options: dict | None = None) -> list[tuple[str, str, list[str], int]]:
@@ -231,7 +226,7 @@ class FileListReader:
         return data
 
     def _run(self) -> Iterator[Sample]:
-        from .decode import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+        from .decode import IMAGE_EXTENSIONS
 
         read = nbytes = 0
         failed: str | None = None
@@ -244,7 +239,7 @@ class FileListReader:
             try:
                 data = self._read(url)
                 nbytes += len(data)
-                if ext in IMAGE_EXTENSIONS or ext in UNSUPPORTED_IMAGE_EXTENSIONS:
+                if ext in _image_extensions():
                     sample.files[ext] = data
                 else:
                     sample.files[ext or "bin"] = data

@@ -171,6 +171,20 @@ class _ResumableStream:
 # Shard names
 
 
+def _protocol_prefix(url: str) -> str:
+    return url.split("://", 1)[0] + "://" if "://" in url else ""
+
+
+def _with_protocol(original: str, path: str) -> str:
+    """Give a filesystem-relative ``path`` (as ``fs.glob`` returns it) the protocol of the ``original`` spec."""
+    prefix = _protocol_prefix(original)
+    if not prefix or path.startswith(prefix):
+        return path
+    if prefix == "file://":
+        return prefix + path
+    return prefix + path.lstrip("/")
+
+
 def tar_stem(base: str) -> str:
     """``shard-000001`` for ``shard-000001.tar``, ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz`` ...; other names
     are returned as they are."""

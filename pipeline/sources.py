@@ -22,8 +22,8 @@ from typing import Any
 import fsspec
 
 from .shard_io import (  # noqa: F401 - re-exported: the names callers import from here
-    BLOCK, DEFAULT_MAX_MEMBER_BYTES, TAR_SUFFIXES, Sample, ShardReadReport, ShardRef, _shard_name,
-    open_with_retry, read_expected_count, tar_stem,
+    BLOCK, DEFAULT_MAX_MEMBER_BYTES, TAR_SUFFIXES, Sample, ShardReadReport, ShardRef, _protocol_prefix, _shard_name,
+    _with_protocol, open_with_retry, read_expected_count, tar_stem,
 )
 from .tar_reader import ShardReader
 
@@ -63,20 +63,6 @@ def expand_braces(pattern: str) -> list[str]:
     for option in options:
         out.extend(expand_braces(head + option + tail))
     return out
-
-
-def _protocol_prefix(url: str) -> str:
-    return url.split("://", 1)[0] + "://" if "://" in url else ""
-
-
-def _with_protocol(original: str, path: str) -> str:
-    """Give a filesystem-relative ``path`` (as ``fs.glob`` returns it) the protocol of the ``original`` spec."""
-    prefix = _protocol_prefix(original)
-    if not prefix or path.startswith(prefix):
-        return path
-    if prefix == "file://":
-        return prefix + path
-    return prefix + path.lstrip("/")
 
 
 def _normalize_local(url: str) -> str:
@@ -152,10 +138,9 @@ def _is_tar(url: str) -> bool:
 
 
 def _is_image_file(url: str) -> bool:
-    from .decode import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+    from .image_files import _extension, _image_extensions
 
-    ext = posixpath.basename(url.split("?", 1)[0]).rsplit(".", 1)[-1].lower()
-    return "." in posixpath.basename(url) and ext in IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS
+    return _extension(url) in _image_extensions()
 
 
 def _image_prefixes(inputs: list[str]) -> dict[str, str]:
