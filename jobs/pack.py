@@ -22,7 +22,6 @@ settings into the same output is refused. The format is documented in ``schemas/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import sys
 import time
@@ -166,9 +165,7 @@ def hashed_config(source: dict[str, Any], vocabulary_spec: str, vocabulary_hash:
 
 def _read_verified(fs: Any, root: str, entry: dict[str, Any]) -> Any:
     """A committed Parquet file as a table, after checking its bytes against the manifest's sha256."""
-    import io
-
-    import pyarrow.parquet as pq
+    from pipeline.sinks import parquet_from_bytes
 
     path = f"{root}/{entry['path']}"
     with fs.open(path, "rb") as f:
@@ -177,7 +174,7 @@ def _read_verified(fs: Any, root: str, entry: dict[str, Any]) -> Any:
     if digest != entry["sha256"]:
         raise ValueError(f"{path}: sha256 {digest[:12]}... does not match its manifest ({entry['sha256'][:12]}...); "
                          "the input changed after it was committed")
-    return pq.read_table(io.BytesIO(data))
+    return parquet_from_bytes(data)
 
 
 def relabel_shard(src_fs: Any, src_root: str, dst_fs: Any, dst_root: str, manifest: dict[str, Any], vocabulary: Any,

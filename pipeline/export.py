@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .sinks import read_parquet
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,14 +39,10 @@ def committed_shards(fs: Any, output: str) -> list[str]:
 
 def iter_committed(fs: Any, output: str, columns: list[str] | None = None) -> Iterator[ShardOutput]:
     """Yield each committed shard's ``images`` and ``instances`` tables."""
-    import pyarrow.parquet as pq
-
     root = output.rstrip("/")
     for shard in committed_shards(fs, output):
-        with fs.open(f"{root}/images/{shard}.parquet", "rb") as f:
-            images = pq.read_table(f)
-        with fs.open(f"{root}/instances/{shard}.parquet", "rb") as f:
-            instances = pq.read_table(f, columns=columns)
+        images = read_parquet(fs, f"{root}/images/{shard}.parquet")
+        instances = read_parquet(fs, f"{root}/instances/{shard}.parquet", columns=columns)
         yield ShardOutput(shard, images, instances)
 
 

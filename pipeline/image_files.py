@@ -19,7 +19,6 @@ No Ray, no torch.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -127,7 +126,8 @@ def read_url_list(url: str, column: str = DEFAULT_URL_COLUMN,
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
-    import pyarrow.parquet as pq
+
+    from .sinks import arrow_buffer, parquet_from_bytes
 
     storage_options = dict(storage_options or {})
     lower = url.lower().split("?", 1)[0]
@@ -135,11 +135,11 @@ def read_url_list(url: str, column: str = DEFAULT_URL_COLUMN,
         data = fh.read()
     try:
         if lower.endswith(".parquet"):
-            table = pq.read_table(io.BytesIO(data))
+            table = parquet_from_bytes(data)
         elif lower.endswith(".csv"):
-            table = pacsv.read_csv(io.BytesIO(data))
+            table = pacsv.read_csv(pa.BufferReader(arrow_buffer(data)))
         else:
-            table = pajson.read_json(io.BytesIO(data))
+            table = pajson.read_json(pa.BufferReader(arrow_buffer(data)))
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"--input {url}: cannot read it as a {lower.rsplit('.', 1)[-1]} list: {exc}") from None
     if column not in table.column_names:

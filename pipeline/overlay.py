@@ -165,10 +165,10 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
     when a decoded image's size differs from the one recorded for it (the tar is not the one that was annotated).
     """
     import fsspec
-    import pyarrow.parquet as pq
 
     from .decode import DEFAULT_MAX_PIXELS, decode_sample
     from .ledger import Ledger
+    from .sinks import read_parquet
     from .sources import open_shard
 
     storage_options = dict(storage_options or {})
@@ -196,8 +196,7 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
         if shard not in urls:
             logger.info("shard %s: no matching input tar, skipped", shard)
             continue
-        with fs.open(f"{root}/images/{shard}.parquet", "rb") as f:
-            image_rows = pq.read_table(f).to_pylist()
+        image_rows = read_parquet(fs, f"{root}/images/{shard}.parquet").to_pylist()
         wanted = {}
         for row in image_rows:
             if row["status"] == "ok":
@@ -207,8 +206,7 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
         if not wanted:
             continue
         cols = ["image_key", "instance_index", "mask_rle", "box_xyxy", "label_name", "label_score"]
-        with fs.open(f"{root}/instances/{shard}.parquet", "rb") as f:
-            instances = pq.read_table(f, columns=cols).to_pylist()
+        instances = read_parquet(fs, f"{root}/instances/{shard}.parquet", columns=cols).to_pylist()
         by_key: dict[str, list[dict]] = {}
         for row in sorted(instances, key=lambda r: r["instance_index"]):
             by_key.setdefault(row["image_key"], []).append(row)

@@ -4,7 +4,6 @@ it packing the small synthetic shard sets and starting two DataLoader workers)."
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
