@@ -143,7 +143,7 @@ def _everything_instances(records: list[dict], names: list[str] | None, top_k: i
                                 "quality": rec["stability_score"]}
         if "label" in rec:
             inst.update(label=rec["label"], label_name=rec["label_name"], label_score=rec["label_score"],
-                        topk=[[names[k], float(s)] for k, s in zip(rec["top_labels"][:top_k],
+                        background_score=rec["background_score"], topk=[[names[k], float(s)] for k, s in zip(rec["top_labels"][:top_k],
                                                                   rec["top_scores"][:top_k])])
         out.append(inst)
     return out

@@ -43,7 +43,8 @@ class OvsamMaskGenerator:
       box_nms_thresh: IoU threshold of the box NMS across all masks (class-agnostic; default: 0.7 for SAM models,
         0.85 for OV-SAM models).
       min_mask_area: drop masks with fewer pixels than this.
-      label_score_thresh: with a vocabulary, drop masks whose best fused class probability is below this.
+      label_score_thresh: with a vocabulary, drop masks whose label probability (``label_score``, see
+        ``Prediction.label_scores``) is below this.
       top_k: number of alternative labels kept per record.
       output_mode: ``binary_mask`` (HxW bool array) or ``coco_rle``.
     """
@@ -101,13 +102,14 @@ class OvsamMaskGenerator:
     def generate(self, image: np.ndarray, image_format: str = "RGB") -> list[dict[str, Any]]:
         """Masks for ``image`` (``HxWx3`` uint8), best first. Each record has ``segmentation``, ``area``,
         ``bbox`` (XYWH), ``box_xyxy``, ``predicted_iou``, ``stability_score``, ``point_coords`` and, with a
-        vocabulary, ``label``, ``label_name``, ``label_score``, ``top_labels``, ``top_scores``."""
+        vocabulary, ``label``, ``label_name``, ``label_score``, ``background_score``, ``top_labels``, ``top_scores``."""
         self.predictor.set_image(image, image_format)
         original_size = self.predictor.original_size
         input_size = self.predictor.input_size
         points = self.point_grid(original_size)
         kept: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                               ("masks", "iou", "stability", "points", "labels", "label_scores")}
+                                               ("masks", "iou", "stability", "points", "labels", "label_scores",
+                                                "background_scores")}
         multimask = isinstance(self.model, SamModel)
         for start in range(0, len(points), self.points_per_batch):
             batch = points[start : start + self.points_per_batch]
@@ -141,6 +143,7 @@ class OvsamMaskGenerator:
                 keep &= scores.gather(1, lab[:, None])[:, 0] >= self.label_score_thresh
                 kept["labels"].append(lab[keep].cpu())
                 kept["label_scores"].append(scores[keep].cpu())
+                kept["background_scores"].append(pred.background_scores.repeat_interleave(m, dim=0)[keep].cpu())
             kept["masks"].append(masks[keep].cpu())
             kept["iou"].append(iou[keep].cpu())
             kept["stability"].append(stab[keep].cpu())
@@ -174,6 +177,7 @@ class OvsamMaskGenerator:
                 top = torch.topk(scores, k)
                 label = int(data["labels"][i])
                 rec.update(label=label, label_name=self.vocabulary.names[label], label_score=float(scores[label]),
+                           background_score=float(data["background_scores"][i]),
                            top_labels=top.indices.tolist(), top_scores=top.values.tolist())
             records.append(rec)
         return records

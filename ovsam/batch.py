@@ -255,8 +255,10 @@ def finish_prediction(
     )
     if vocabulary is not None:
         scores = decoded.scores
+        probs = R.fused_softmax(scores)
         pred.labels = scores[:, :-1].argmax(dim=-1)
-        pred.label_scores = R.fused_probabilities(scores)
+        pred.label_scores = probs[:, :-1]
+        pred.background_scores = probs[:, -1]
         pred.label_names = list(vocabulary.names)
     return pred
 
@@ -285,12 +287,13 @@ def _empty_prediction(model, original_size, vocabulary, multimask_output) -> Pre
     if vocabulary is not None:
         pred.labels = torch.zeros(0, dtype=torch.long, device=dev)
         pred.label_scores = torch.zeros(0, len(vocabulary.names), device=dev)
+        pred.background_scores = torch.zeros(0, device=dev)
         pred.label_names = list(vocabulary.names)
     return pred
 
 
 def _decode_chunk(model, features, index, single_image, points, boxes, mask_input, vocabulary,
-                  multimask_output) -> DecodedPrompts:
+                  multimask_output, clip_override=None) -> DecodedPrompts:
     """One decoder call at the model's precision; every output float32. ``single_image`` is the image of a SAM
     model's chunk (SAM's decoder takes one image embedding)."""
     like = features if isinstance(features, torch.Tensor) else features.image_embeddings

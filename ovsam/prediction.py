@@ -26,9 +26,12 @@ class Prediction:
       boxes_xyxy: ``[N, 4]`` (or ``[N, M, 4]``) tight box of each mask in original pixels, exclusive max; zeros for
         an empty mask.
       labels: ``[N]`` vocabulary index of the best class (OV-SAM with a vocabulary), else None.
-      label_scores: ``[N, C]`` fused class probabilities ``q_k^(1 - w v) * c_k^(w v)``: the weighted geometric mean
-        of the CLIP2SAM head's and the frozen CLIP's softmax probabilities (OVSAM_SPEC §1.9), 0 for excluded
-        classes; else None.
+      label_scores: ``[N, C]`` class probabilities as the published code forms them: ``softmax(s)[:, :C]`` of the
+        C + 1 fused log-scores ``s_k = log(q_k^(1 - w v) * c_k^(w v))``, the weighted geometric mean of the CLIP2SAM
+        head's and the frozen CLIP's class probabilities (OVSAM_SPEC §1.7, §1.9), normalised with the background
+        and the background then dropped; 0 for excluded classes; else None. ``labels`` is their argmax.
+      background_scores: ``[N]`` the background's probability ``softmax(s)[:, C]``; with ``label_scores`` a row
+        sums to 1. Else None.
       label_names: names of ``labels``, else None.
       head_embeddings / clip_embeddings: ``[N, D]`` region embeddings of the CLIP2SAM head and the frozen-CLIP
         branch; with ``clip_valid`` ``[N]`` they re-score regions against any vocabulary.
@@ -42,6 +45,7 @@ class Prediction:
     prompt: PromptSet = field(default_factory=PromptSet)
     labels: Any = None
     label_scores: Any = None
+    background_scores: Any = None
     label_names: list[str] | None = None
     head_embeddings: Any = None
     clip_embeddings: Any = None
@@ -59,7 +63,8 @@ class Prediction:
         return Prediction(
             masks=conv(self.masks), low_res_logits=conv(self.low_res_logits), iou_scores=conv(self.iou_scores),
             boxes_xyxy=conv(self.boxes_xyxy), prompt=self.prompt, labels=conv(self.labels),
-            label_scores=conv(self.label_scores), label_names=self.label_names,
+            label_scores=conv(self.label_scores), background_scores=conv(self.background_scores),
+            label_names=self.label_names,
             head_embeddings=conv(self.head_embeddings), clip_embeddings=conv(self.clip_embeddings),
             clip_valid=conv(self.clip_valid),
         )
@@ -79,6 +84,8 @@ class Prediction:
             if p.labels is not None:
                 rec["label"] = int(p.labels[i])
                 rec["label_score"] = float(p.label_scores[i, p.labels[i]])
+                if p.background_scores is not None:
+                    rec["background_score"] = float(p.background_scores[i])
                 if p.label_names is not None:
                     rec["label_name"] = p.label_names[int(p.labels[i])]
             out.append(rec)

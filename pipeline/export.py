@@ -214,7 +214,8 @@ def relabel_rows(rows: list[dict], vocabulary: Any, recognition: Any, top_k: int
                            recognition.logit_scale)
         valid = torch.tensor([bool(r["clip_valid"]) for r in rows])
     scores = R.fuse_scores(q, c, valid, vocabulary.indicator, recognition.alpha, recognition.beta)
-    probs = R.fused_probabilities(scores)
+    full = R.fused_softmax(scores)
+    probs = full[:, :-1]
     labels = scores[:, :-1].argmax(dim=-1)
     k = min(top_k, len(vocabulary))
     top = probs.topk(k, dim=1)
@@ -222,5 +223,6 @@ def relabel_rows(rows: list[dict], vocabulary: Any, recognition: Any, top_k: int
     for i, r in enumerate(rows):
         label = int(labels[i])
         out.append({**r, "label": label, "label_name": vocabulary.names[label], "label_score": float(probs[i, label]),
+                    "background_score": float(full[i, -1]),
                     "topk_labels": top.indices[i].tolist(), "topk_scores": top.values[i].tolist()})
     return out

@@ -420,6 +420,7 @@ class Annotator:
         areas = rle_areas(rles)
         n = len(rles)
         label_scores = _np(pred.label_scores)
+        background = _np(pred.background_scores).astype(np.float64).tolist()
         labels = _np(pred.labels).astype(np.int64)
         top = np.argsort(-label_scores, axis=1)[:, :k]
         label_list = labels.tolist()
@@ -454,6 +455,7 @@ class Annotator:
                 "label": label,
                 "label_name": names[label],
                 "label_score": label_score[j],
+                "background_score": background[j],
                 "topk_labels": topk_labels[j],
                 "topk_scores": topk_scores[j],
                 "detector_score": None if det_scores is None else det_scores[c.prop_offset + j],
@@ -486,7 +488,7 @@ class Annotator:
                 "box_xyxy": [float(v) for v in rec["box_xyxy"]], "mask_rle": encode_rle(rec["segmentation"][None])[0],
                 "area": rec["area"], "mask_quality": rec["stability_score"], "label": rec["label"],
                 "label_name": rec["label_name"], "label_score": rec["label_score"],
-                "topk_labels": rec["top_labels"], "topk_scores": rec["top_scores"], "detector_score": None,
+                "background_score": rec["background_score"], "topk_labels": rec["top_labels"], "topk_scores": rec["top_scores"], "detector_score": None,
                 "detector_label": None, "head_embedding": None, "clip_embedding": None, "clip_valid": None,
             })
         return rows

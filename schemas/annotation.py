@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 STATUSES = ("ok", "decode_error", "bad_prompt", "no_prompts", "model_error")
 PROMPT_TYPES = ("box", "point", "grid", "whole_image", "detector")
 
@@ -32,6 +32,7 @@ INSTANCES_SCHEMA = pa.schema([
     ("label", pa.int32()),
     ("label_name", pa.string()),
     ("label_score", pa.float32()),
+    ("background_score", pa.float32()),
     ("topk_labels", pa.list_(pa.int32())),
     ("topk_scores", pa.list_(pa.float32())),
     ("detector_score", pa.float32()),

@@ -192,14 +192,17 @@ def fuse_scores(
     return scores.masked_fill((ind == EXCLUDED)[None, :], EXCLUDED_SCORE)
 
 
-def fused_probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """Per-class confidences from fused log-scores: ``exp(s_k) = q_k^(1 - w v) * c_k^(w v)``, the weighted geometric
-    mean of the head's and the frozen CLIP's class probabilities (just ``q_k`` where the CLIP branch is off or
-    gated); excluded classes get 0. ``[N, C + 1]`` -> ``[N, C]`` (background dropped)."""
-    return scores[:, :-1].exp()
+def fused_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """The published label probabilities: ``softmax(s)`` over the C + 1 fused log-scores, background included
+    (OVSAM_SPEC §1.7 step 6, ``softmax(cls_results)``). The fused scores are logs of the weighted geometric mean
+    ``q_k^(1 - w v) * c_k^(w v)`` of the head's and the frozen CLIP's class probabilities, which does not sum to one;
+    the softmax normalises it, so a row sums to 1 and scores compare across prompts. Where the CLIP branch is off
+    or gated this is the head's ``q``. Excluded classes get 0. ``[N, C + 1]`` -> ``[N, C + 1]`` float32: the label
+    is the argmax of the first C columns, ``label_scores`` are those columns and ``background_scores`` the last."""
+    return torch.softmax(scores.float(), dim=-1)
 
 
 __all__ = [
     "BASE", "NOVEL", "EXCLUDED", "EXCLUDED_SCORE", "boxes_from_mask_logits", "boxes_from_masks", "largest_components", "roi_levels",
-    "multilevel_roi_align", "ClassPrototypes", "class_logits", "mask_valid_for_clip", "fuse_scores", "fused_probabilities",
+    "multilevel_roi_align", "ClassPrototypes", "class_logits", "mask_valid_for_clip", "fuse_scores", "fused_softmax",
 ]

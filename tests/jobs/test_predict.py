@@ -54,8 +54,10 @@ def _assert_same(doc: dict, pred, names: list[str]) -> None:
     np.testing.assert_array_equal(masks, pred.masks)
     assert [inst["label"] for inst in doc["instances"]] == pred.labels.tolist()
     assert [inst["label_name"] for inst in doc["instances"]] == [names[i] for i in pred.labels]
-    for inst, scores, label, box in zip(doc["instances"], pred.label_scores, pred.labels, pred.boxes_xyxy):
+    for inst, scores, background, label, box in zip(doc["instances"], pred.label_scores, pred.background_scores,
+                                                    pred.labels, pred.boxes_xyxy):
         assert inst["label_score"] == pytest.approx(float(scores[label]), rel=1e-6)
+        assert inst["background_score"] == pytest.approx(float(background), rel=1e-6)
         assert inst["topk"][0] == [names[label], pytest.approx(float(scores[label]), rel=1e-6)]
         assert len(inst["topk"]) == 3  # the vocabulary's size caps top-k
         assert inst["box_xyxy"] == pytest.approx(box.tolist())

@@ -92,6 +92,7 @@ def test_relabel_with_same_vocabulary_reproduces_stored_labels(annotated, corpus
         for a, b in zip(old, new):
             assert (b["label"], b["label_name"], b["topk_labels"]) == (a["label"], a["label_name"], a["topk_labels"])
             assert b["label_score"] == pytest.approx(a["label_score"], abs=1e-6)
+            assert b["background_score"] == pytest.approx(a["background_score"], abs=1e-6)
             assert b["topk_scores"] == pytest.approx(a["topk_scores"], abs=1e-6)
             for col in ("image_key", "instance_index", "mask_rle", "box_xyxy", "area", "head_embedding",
                         "clip_embedding", "clip_valid", "prompt_box_xyxy"):
@@ -138,6 +139,9 @@ def test_relabel_with_new_vocabulary(annotated, corpus, tmp_path, capsys):
             assert len(row["topk_labels"]) == 5 and row["topk_labels"][0] == row["label"]
             assert (row["label"], row["topk_labels"]) == (want["label"], want["topk_labels"])
             assert row["label_score"] == pytest.approx(want["label_score"], abs=1e-6)
+            # the scores are softmax(fused)[:C]: with all 5 classes in the top 5, they and the background sum to 1
+            assert sum(row["topk_scores"]) + row["background_score"] == pytest.approx(1.0, abs=1e-5)
+            assert row["label_score"] == max(row["topk_scores"])
     run = json.loads((out / "run.json").read_text())
     assert run["vocabulary"]["names"] == OTHER_NAMES
     coco_path = tmp_path / "coco.json"
@@ -273,7 +277,8 @@ def handmade(corpus, tmp_path):
             "image_key": d.key, "shard": "bad-000000", "instance_index": 0, "prompt_type": "box",
             "prompt_box_xyxy": [x0, y0, x1, y1], "prompt_points": None, "prompt_point_labels": None,
             "box_xyxy": [x0, y0, x1, y1], "mask_rle": encode_rle(mask[None])[0], "area": int(mask.sum()),
-            "mask_quality": 1.0, "label": 0, "label_name": "thing", "label_score": 0.5, "topk_labels": [0],
+            "mask_quality": 1.0, "label": 0, "label_name": "thing", "label_score": 0.5, "background_score": 0.1,
+            "topk_labels": [0],
             "topk_scores": [0.5], "detector_score": None, "detector_label": None, "head_embedding": None,
             "clip_embedding": None, "clip_valid": None})
     fs = fsspec.filesystem("file")

@@ -58,6 +58,27 @@ def test_rows_for_boxes_and_points(vocab_file):
     assert d.image_row["status"] == "no_prompts" and not d.instance_rows
 
 
+@pytest.mark.parametrize("store_embeddings", [False, True])
+def test_score_columns_are_the_predictors_published_probabilities(vocab_file, store_embeddings):
+    """``label_score``, ``topk_scores`` and ``background_score`` are ``softmax(fused)`` as the predictor gives it
+    (rows re-scored from the stored float16 embeddings agree within their rounding)."""
+    from ovsam import OvsamPredictor
+
+    ann = Annotator(ModelStageConfig(vocabulary=vocab_file, top_k=3, store_embeddings=store_embeddings))
+    boxes = [[10, 10, 80, 60], [0, 0, 160, 120], [30, 5, 150, 100]]
+    rows = ann([_sample("a", boxes=boxes)])[0].instance_rows
+    predictor = OvsamPredictor(ann.model, ann.vocabulary)
+    predictor.set_image(_image(120, 160))
+    pred = predictor.predict(box=np.asarray(boxes, float))
+    atol = 2e-3 if store_embeddings else 1e-6
+    for i, row in enumerate(rows):
+        assert row["label"] == int(pred.labels[i])
+        assert row["label_score"] == pytest.approx(float(pred.label_scores[i, row["label"]]), abs=atol)
+        assert row["background_score"] == pytest.approx(float(pred.background_scores[i]), abs=atol)
+        assert row["topk_scores"] == pytest.approx(sorted(pred.label_scores[i].tolist(), reverse=True), abs=atol)
+        assert sum(row["topk_scores"]) + row["background_score"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_model_failure_is_isolated(vocab_file, monkeypatch):
     ann = Annotator(ModelStageConfig(vocabulary=vocab_file, prompts="whole-image"))
     import ovsam.batch as batch
