@@ -390,8 +390,7 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     write_run_json(fs, root, {"config": public, "hashed": hashed, "config_hash": chash,
                               "precision": {"requested": cfg.stage.precision, "resolved": precision,
                                             "device": device, "compile": bool(cfg.stage.compile)},
-                              "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
-                                             "clip_model": vocabulary.clip_model},
+                              "vocabulary": vocabulary_record(vocabulary),
                               "weights": {"checkpoint": cfg.stage.checkpoint, "trained": not untrained},
                               "model_config": model.config.to_dict(), "versions": package_versions()})
     del model
@@ -445,6 +444,14 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     if untrained:
         print(UNTRAINED_WARNING.format(model=cfg.stage.model), file=sys.stderr, flush=True)
     return summary
+
+
+def vocabulary_record(vocabulary) -> dict:
+    """What run.json records of the vocabulary: names, synonyms, split (1 base, 2 novel, 0 excluded, or None),
+    content hash and CLIP model; ``ovsam eval coco`` matches categories and splits with it."""
+    split = None if vocabulary.split is None else [int(v) for v in vocabulary.split]
+    return {"names": list(vocabulary.names), "synonyms": [list(s) for s in vocabulary.synonyms], "split": split,
+            "content_hash": vocabulary.content_hash, "clip_model": vocabulary.clip_model}
 
 
 def package_versions() -> dict[str, str]:

@@ -8,6 +8,8 @@
     ovsam models                                         # built-in model configs
     ovsam predict photo.jpg --box 40,30,200,180 -o pred/  # one process: an overlay and a JSON per image
     ovsam pack coco --annotations instances_train2017.json --images train2017/ --output packed/coco
+    ovsam eval coco --gt instances_val2017.json --pred out/  # mask and box AP of annotations: all/base/novel
+    ovsam eval compare out_fp32/ out_bf16/               # how far two runs of the same input agree
     ovsam demo --output demo_out                         # same as `python -m jobs.demo`
 
 Each subcommand is one function; heavy imports (torch, the model library) happen inside it, so ``ovsam --help``
@@ -352,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="polygon simplification tolerance in pixels, 0 for none (default: 1)")
         add_storage_options(exp)
         exp.set_defaults(func=cmd_export)
+
+    from jobs import eval as eval_job
+
+    ev = sub.add_parser("eval", help="measure annotations: COCO AP against ground truth, or two runs' agreement",
+                        description="Measure annotations. `ovsam eval coco`: COCO mask and box AP of an "
+                                    "annotation output against a COCO instances JSON (all, base, novel, per class). "
+                                    "`ovsam eval compare A B`: how far two runs of the same input agree.")
+    eval_job.add_arguments(ev)
 
     models = sub.add_parser("models", help="list the built-in model configs")
     models.set_defaults(func=cmd_models)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobs.annotate import package_versions
+from jobs.annotate import package_versions, vocabulary_record
 from jobs.args import add_storage_options, storage_options
 
 logger = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ def run_relabel(cfg: RelabelConfig) -> RelabelSummary:
         "job": "relabel", "config": config, "hashed": hashed, "config_hash": chash,
         "source": {"output": cfg.input, "config_hash": source["config_hash"], "vocabulary": source.get("vocabulary"),
                    "hashed": source.get("hashed")},
-        "vocabulary": {"names": vocabulary.names, "content_hash": vocabulary.content_hash,
-                       "clip_model": vocabulary.clip_model},
+        "vocabulary": vocabulary_record(vocabulary),
         "model_config": source["model_config"], "versions": package_versions(),
     })
     dst_ledger.cleanup_tmp()

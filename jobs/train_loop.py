@@ -90,19 +90,6 @@ def vocabulary_for(classes: Any, model: Any, cache_root: str, storage_options: d
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def _targets(record: Any) -> dict[str, Any]:
-    from ovsam.masks import decode_rle
-
-    if record.kind == "image":
-        box = [0.0, 0.0, float(record.width), float(record.height)]
-        return {"labels": np.asarray(record.image_labels), "boxes": np.asarray([box] * len(record.image_labels))}
-    target = {"labels": np.asarray(record.labels), "boxes": np.asarray(record.boxes, dtype=np.float32)}
-    if record.kind == "mask":
-        target["masks"] = decode_rle(record.masks) if record.masks else np.zeros((0, record.height, record.width),
-                                                                                  dtype=bool)
-    return target
-
-
 def _metric_keys(kind: str, has_split: bool) -> list[str]:
     prefixes = ["", "base_", "novel_"] if has_split else [""]
     fields = ["count", "correct", "head_correct", "gt_box_correct"] + (["iou", "masks"] if kind == "mask" else [])
@@ -140,7 +127,7 @@ def evaluate_heldout(model: Any, heldout: list[tuple[str, TD.ShardSet, Any]], cf
                                                                              shard_set.storage_options,
                                                                              rank=rank, world=world,
                                                                              limit=cfg.eval_samples)):
-                        yield image, _targets(record)
+                        yield image, TD.eval_targets(record)
 
                 metric = evaluate_samples(model, mine(), vocab, prompt=prompt, batch_size=cfg.eval_batch_size)
                 sums = {k: metric.sums.get(k, 0.0) for k in _metric_keys(kind, vocab.split is not None)}

@@ -102,9 +102,11 @@ def predict_prompts(
 ) -> Prediction:
     """Run validated original-frame prompts of one image (``image_index`` into the batch features). Returns tensors."""
     points, boxes, masks_in = prompt_tensors(model, prompts, original_size, input_size)
+    clip = None if prompts.clip_boxes is None else torch.as_tensor(prompts.clip_boxes, dtype=torch.float32,
+                                                                   device=model.device)
     pred = predict_torch_prompts(model, features, image_index, points, boxes, masks_in, original_size, input_size,
                                  vocabulary=vocabulary, multimask_output=multimask_output,
-                                 return_logits=return_logits, prompt_chunk=prompt_chunk)
+                                 return_logits=return_logits, prompt_chunk=prompt_chunk, clip_boxes=clip)
     pred.prompt = prompts
     return pred
 
@@ -124,13 +126,15 @@ def predict_torch_prompts(
     multimask_output: bool = False,
     return_logits: bool = False,
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+    clip_boxes: torch.Tensor | None = None,
 ) -> Prediction:
     """Prompts already in the input frame: ``points`` = (``[N, K, 2]``, ``[N, K]``), ``boxes`` ``[N, 4]``,
-    ``mask_input`` ``[N, 1, s, s]``. Decodes in chunks of ``prompt_chunk`` prompts. Returns tensors."""
+    ``mask_input`` ``[N, 1, s, s]`` (``clip_boxes``: see :func:`decode_prompts`). Decodes in chunks of
+    ``prompt_chunk`` prompts. Returns tensors."""
     n = _num_prompts(points, boxes, mask_input)
     index = torch.full((n,), image_index, dtype=torch.long, device=model.device)
     decoded = decode_prompts(model, features, index, points, boxes, mask_input, vocabulary=vocabulary,
-                             multimask_output=multimask_output, prompt_chunk=prompt_chunk)
+                             multimask_output=multimask_output, prompt_chunk=prompt_chunk, clip_boxes=clip_boxes)
     return finish_prediction(model, decoded, original_size, input_size, vocabulary=vocabulary,
                              multimask_output=multimask_output, return_logits=return_logits)
 
@@ -173,10 +177,12 @@ def decode_prompts(
     vocabulary: Any = None,
     multimask_output: bool = False,
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+    clip_boxes: torch.Tensor | None = None,
 ) -> DecodedPrompts:
     """Decode N input-frame prompts of any images of the batch (``image_index`` ``[N]``) at the model's precision,
     ``prompt_chunk`` prompts per decoder call (padded to exactly that many when the model is compiled, so its
-    shapes stay static). OV-SAM decodes prompts of several images in one call; SAM models one image per call."""
+    shapes stay static). OV-SAM decodes prompts of several images in one call; SAM models one image per call.
+    ``clip_boxes`` ``[N, 4]`` (input frame) override the frozen-CLIP branch's boxes (see ``PromptSet``)."""
     check_vocabulary(model, vocabulary)
     if isinstance(model, OvsamModel) and multimask_output:
         raise ValueError(f"model '{model.config.name}' has a single mask token; multimask_output=True needs a SAM model")
@@ -196,12 +202,14 @@ def decode_prompts(
     for sel, single in chunks:
         args = (None if points is None else (points[0][sel], points[1][sel]),
                 None if boxes is None else boxes[sel], None if mask_input is None else mask_input[sel])
+        clip = None if clip_boxes is None else clip_boxes[sel]
         idx = image_index[sel]
         m = int(idx.shape[0])
         if pad > m:
             args = tuple(None if a is None else _pad_rows(a, pad) for a in args)
+            clip = None if clip is None else _pad_rows(clip, pad)
             idx = _pad_rows(idx, pad)
-        part = _decode_chunk(model, features, idx, single, *args, vocabulary, multimask_output)
+        part = _decode_chunk(model, features, idx, single, *args, vocabulary, multimask_output, clip_override=clip)
         parts.append(part.select(slice(0, m)) if pad > m else part)
         order.append(sel)
     fields = [f.name for f in dataclasses.fields(DecodedPrompts)]
@@ -314,7 +322,7 @@ def _decode_chunk(model, features, index, single_image, points, boxes, mask_inpu
         low_res = low_res.float()
         roi_boxes = R.boxes_from_mask_logits(low_res, scale=model.image_size / low_res.shape[-1],
                                              rule=model.config.recognition.roi_box)
-        clip_boxes = boxes if boxes is not None else roi_boxes
+        clip_boxes = clip_override if clip_override is not None else boxes if boxes is not None else roi_boxes
         regions = model.region_embeddings(features, index, roi_boxes, low_res, clip_boxes=clip_boxes)
     regions = RegionOutput(*(None if t is None else t.float() for t in
                              (regions.head_embeddings, regions.clip_embeddings)),
@@ -335,17 +343,34 @@ def _decode_chunk(model, features, index, single_image, points, boxes, mask_inpu
 
 def _as_promptset(model, prompt: Any, original_size: tuple[int, int]) -> PromptSet:
     if isinstance(prompt, PromptSet):
-        return validate_prompts(original_size, prompt.point_coords, prompt.point_labels, prompt.boxes,
-                                prompt.mask_input, model.low_res_size)
+        ps = validate_prompts(original_size, prompt.point_coords, prompt.point_labels, prompt.boxes,
+                              prompt.mask_input, model.low_res_size)
+        return _with_clip_boxes(model, ps, prompt.clip_boxes)
     if isinstance(prompt, Mapping):
-        allowed = {"point_coords", "point_labels", "box", "boxes", "mask_input"}
+        allowed = {"point_coords", "point_labels", "box", "boxes", "mask_input", "clip_boxes"}
         unknown = sorted(set(prompt) - allowed)
         if unknown:
             raise ValueError(f"unknown prompt key(s) {unknown}; valid keys: {sorted(allowed)}")
-        return validate_prompts(original_size, prompt.get("point_coords"), prompt.get("point_labels"),
-                                prompt.get("box", prompt.get("boxes")), prompt.get("mask_input"), model.low_res_size)
+        ps = validate_prompts(original_size, prompt.get("point_coords"), prompt.get("point_labels"),
+                              prompt.get("box", prompt.get("boxes")), prompt.get("mask_input"), model.low_res_size)
+        return _with_clip_boxes(model, ps, prompt.get("clip_boxes"))
     raise ValueError(f"each prompt must be a dict (point_coords/point_labels/box/mask_input) or PromptSet, "
                      f"got {type(prompt).__name__}")
+
+
+def _with_clip_boxes(model, ps: PromptSet, clip_boxes: Any) -> PromptSet:
+    """``ps`` with the frozen-CLIP box override (``[N, 4]`` finite, input frame, OV-SAM models only)."""
+    if clip_boxes is None:
+        return ps
+    if not isinstance(model, OvsamModel):
+        raise ValueError("clip_boxes needs an OV-SAM model (SAM has no frozen-CLIP branch)")
+    boxes = np.asarray(clip_boxes, dtype=np.float32).reshape(-1, 4) if np.size(clip_boxes) else \
+        np.zeros((0, 4), dtype=np.float32)
+    if boxes.shape[0] != len(ps) or not np.isfinite(boxes).all():
+        raise ValueError(f"clip_boxes must be {len(ps)} finite boxes [N, 4], one per prompt; got shape "
+                         f"{np.shape(clip_boxes)}")
+    ps.clip_boxes = boxes
+    return ps
 
 
 @torch.no_grad()
@@ -415,10 +440,13 @@ def predict_images(
     if len(prompt_sets) != len(sizes):
         raise ValueError(f"got {len(prompt_sets)} prompt sets for {len(sizes)} images")
     tensors = [prompt_tensors(model, ps, *size) for ps, size in zip(prompt_sets, sizes)]
+    clip = [None if ps.clip_boxes is None else torch.as_tensor(ps.clip_boxes, dtype=torch.float32,
+                                                               device=model.device) for ps in prompt_sets]
     groups: dict[tuple, list[int]] = {}
     for i, (points, boxes, masks_in) in enumerate(tensors):
         if len(prompt_sets[i]):
-            kind = (None if points is None else int(points[0].shape[1]), boxes is not None, masks_in is not None)
+            kind = (None if points is None else int(points[0].shape[1]), boxes is not None, masks_in is not None,
+                    clip[i] is not None)
             groups.setdefault(kind, []).append(i)
     decoded: list[DecodedPrompts | None] = [None] * len(prompt_sets)
     for members in groups.values():
@@ -430,8 +458,10 @@ def predict_images(
             return None if parts[0] is None else torch.cat(parts)
 
         points = None if tensors[members[0]][0] is None else (cat(lambda t: t[0][0]), cat(lambda t: t[0][1]))
+        clip_boxes = None if clip[members[0]] is None else torch.cat([clip[i] for i in members])
         out = decode_prompts(model, features, index, points, cat(lambda t: t[1]), cat(lambda t: t[2]),
-                             vocabulary=vocabulary, multimask_output=multimask_output, prompt_chunk=prompt_chunk)
+                             vocabulary=vocabulary, multimask_output=multimask_output, prompt_chunk=prompt_chunk,
+                             clip_boxes=clip_boxes)
         offset = 0
         for i, c in zip(members, counts):
             decoded[i] = out.select(slice(offset, offset + c))

@@ -115,13 +115,16 @@ def evaluate_samples(
     prompt: str = "box",
     batch_size: int = 4,
     metric: InstanceMetric | None = None,
+    published_point_boxes: bool = False,
 ) -> InstanceMetric:
     """Run ``model`` on held-out samples with one GT-derived prompt per instance and accumulate the metric.
 
     Each sample is ``(image HxWx3 uint8 RGB, target)`` with target keys ``labels`` ``[N]`` and, per kind, ``boxes``
     ``[N, 4]`` xyxy original pixels and ``masks`` ``[N, H, W]`` bool (mask data; IoU is measured only then).
     ``prompt``: ``"box"`` (the GT box; image-level targets carry the whole-image box) or ``"point"`` (the mask's
-    :func:`center_points`; needs masks)."""
+    :func:`center_points`; needs masks). ``published_point_boxes`` reproduces the released point-prompt evaluation
+    (OVSAM_SPEC §6 item 3): the frozen-CLIP branch pools the GT boxes in original-image coordinates, read as if
+    they were in the model's 1024 frame, instead of the mask's box."""
     from .batch import predict_batch
 
     if prompt not in ("box", "point"):
@@ -138,7 +141,10 @@ def evaluate_samples(
                 prompts.append({"box": np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4)})
             else:
                 pts = center_points(t["masks"]).astype(np.float32)
-                prompts.append({"point_coords": pts[:, None, :], "point_labels": np.ones((len(pts), 1))})
+                p = {"point_coords": pts[:, None, :], "point_labels": np.ones((len(pts), 1))}
+                if published_point_boxes:
+                    p["clip_boxes"] = np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4)
+                prompts.append(p)
         preds = predict_batch(model, images, prompts, vocabulary)
         gt_box_labels = _gt_box_head_labels(model, images, targets, text)
         for pred, t, gt_box in zip(preds, targets, gt_box_labels):

@@ -13,12 +13,17 @@ class PromptSet:
 
     ``point_coords`` ``[N, K, 2]`` (x, y); ``point_labels`` ``[N, K]`` (1 positive, 0 negative);
     ``boxes`` ``[N, 4]`` xyxy; ``mask_input`` ``[N, 1, s, s]`` low-res logits.
+
+    ``clip_boxes`` ``[N, 4]``, an evaluation-only override: the boxes the frozen-CLIP branch pools, **in the
+    model's input frame and used as given** (by default it pools the prompt box, or the mask's box). The published
+    point-prompt evaluation passed ground-truth boxes in original-image coordinates there (OVSAM_SPEC §6 item 3).
     """
 
     point_coords: np.ndarray | None = None
     point_labels: np.ndarray | None = None
     boxes: np.ndarray | None = None
     mask_input: np.ndarray | None = None
+    clip_boxes: np.ndarray | None = None
 
     def __len__(self) -> int:
         for a in (self.boxes, self.point_coords, self.mask_input):
@@ -28,11 +33,11 @@ class PromptSet:
 
     def select(self, idx: slice | np.ndarray) -> "PromptSet":
         return PromptSet(*(None if a is None else a[idx] for a in
-                           (self.point_coords, self.point_labels, self.boxes, self.mask_input)))
+                           (self.point_coords, self.point_labels, self.boxes, self.mask_input, self.clip_boxes)))
 
     def as_dict(self) -> dict[str, np.ndarray]:
         out = {}
-        for name in ("point_coords", "point_labels", "boxes", "mask_input"):
+        for name in ("point_coords", "point_labels", "boxes", "mask_input", "clip_boxes"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value

@@ -279,6 +279,27 @@ class Vocabulary:
         return names, synonyms, split
 
     @classmethod
+    def read_spec(cls, spec: str | Path) -> tuple[list[str], list[list[str]], list[int] | None]:
+        """``(display names, synonyms, split)`` of anything :meth:`resolve` takes, without a model and without
+        embedding anything (a saved vocabulary is loaded as it is)."""
+        text = str(spec)
+        if text in BUILTINS:
+            names, synonyms, split = cls.class_list(text)
+        else:
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"vocabulary {text!r} is neither a built-in ({', '.join(BUILTINS)}) nor a file")
+            if _is_saved(path):
+                v = cls.load(path)
+                names, synonyms, split = v.names, v.synonyms, v.split
+            elif _is_classes_json(path):
+                names, synonyms, split = cls.read_classes_json(path)
+            else:
+                synonyms, split = cls.read_class_file(path)
+                names = [s[0] for s in synonyms]
+        return list(names), [list(s) for s in synonyms], None if split is None else [int(v) for v in split]
+
+    @classmethod
     def resolve(cls, spec: str | Path, model: Any, **kwargs: Any) -> Vocabulary:
         """A built-in name, a file written by :meth:`save` (``model`` unused), a packed dataset's
         ``classes.json`` (:meth:`read_classes_json`), or a text class list."""

@@ -415,6 +415,21 @@ def iter_samples(shards: list[str], storage_options: dict | None = None, *, rank
             logger.warning("skipping sample %s from %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
 
 
+def eval_targets(record: TrainingRecord) -> dict[str, Any]:
+    """The evaluation target of a decoded record (``ovsam.evaluation.evaluate_samples``): ``labels``, ``boxes``
+    (xyxy; an image-level record's labels all get the whole-image box) and, for mask data, ``masks``."""
+    from ovsam.masks import decode_rle
+
+    if record.kind == "image":
+        box = [0.0, 0.0, float(record.width), float(record.height)]
+        return {"labels": np.asarray(record.image_labels), "boxes": np.asarray([box] * len(record.image_labels))}
+    target = {"labels": np.asarray(record.labels), "boxes": np.asarray(record.boxes, dtype=np.float32)}
+    if record.kind == "mask":
+        target["masks"] = decode_rle(record.masks) if record.masks else np.zeros((0, record.height, record.width),
+                                                                                  dtype=bool)
+    return target
+
+
 class MixtureSampler:
     """Picks the dataset of each step with probability ``weight / sum(weights)``, from a generator seeded by
     ``(seed, step)``: identical on every rank, and the same after a resume."""

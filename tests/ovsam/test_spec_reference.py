@@ -107,7 +107,21 @@ def ref_fuse(q_logits, c_logits, v, indicator, alpha=0.1, beta=0.9):
     return out
 
 
-def ref_predict(model, vocab, image, boxes=None, points=None):
+def ref_label_probabilities(scores):
+    """§1.7 step 6: ``softmax(cls_results)`` over the C + 1 fused scores, then background dropped; returns the
+    ``[N, C]`` foreground part and the ``[N]`` background part, one row at a time in probability space."""
+    fg = torch.empty(scores.shape[0], scores.shape[1] - 1, dtype=torch.float64)
+    bg = torch.empty(scores.shape[0], dtype=torch.float64)
+    for n in range(scores.shape[0]):
+        e = [math.exp(float(s)) for s in scores[n]]
+        total = sum(e)
+        for k in range(len(e) - 1):
+            fg[n, k] = e[k] / total
+        bg[n] = e[-1] / total
+    return fg, bg
+
+
+def ref_predict(model, vocab, image, boxes=None, points=None, clip_boxes=None):
     sd = model.state_dict()
     size = model.image_size
     x, (nh, nw) = ref_preprocess(image, size)
@@ -134,18 +148,22 @@ def ref_predict(model, vocab, image, boxes=None, points=None):
             r = F.relu(F.conv2d(r, sd["mask_decoder.roi_conv.0.conv.weight"]))
             head.append(r.mean(dim=(2, 3))[0])
         head = torch.stack(head)
-        clip_boxes = in_boxes if in_boxes is not None else roi_boxes
+        if clip_boxes is not None:  # taken as given, in the 1024 frame
+            clip_boxes = torch.as_tensor(clip_boxes, dtype=torch.float32)
+        else:
+            clip_boxes = in_boxes if in_boxes is not None else roi_boxes
         c5 = feats[-1]
         rois = torch.cat([torch.zeros(len(clip_boxes), 1), clip_boxes], dim=1)
         clip_emb = model.backbone.visual.attnpool(roi_align(c5, rois, model.config.clip.roi_size, 1 / 32, 0, True))
         v = (F.interpolate(low, size=c5.shape[-2:], mode="bilinear", align_corners=False) > 0).flatten(1).any(1)
         scores = ref_fuse(ref_cosine(head, vocab.embeddings), ref_cosine(clip_emb, vocab.embeddings), v,
                           vocab.indicator)
-        labels = scores[:, :-1].argmax(-1)
+        probs, background = ref_label_probabilities(scores)
+        labels = probs.argmax(-1)
         up = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[..., :nh, :nw]
         masks = (F.interpolate(up, (h, w), mode="bilinear", align_corners=False).sigmoid() > 0.5)[:, 0]
     return dict(low=low, head=head, clip=clip_emb, v=v, scores=scores, labels=labels, masks=masks,
-                roi_boxes=roi_boxes)
+                roi_boxes=roi_boxes, probs=probs, background=background)
 
 
 def _check(pred, ref, vocab):
@@ -156,7 +174,9 @@ def _check(pred, ref, vocab):
         np.testing.assert_allclose(got / scale, want.numpy() / scale, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(pred.clip_valid, ref["v"].numpy())
     np.testing.assert_array_equal(pred.labels, ref["labels"].numpy())
-    np.testing.assert_allclose(pred.label_scores, ref["scores"][:, :-1].exp().numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(pred.label_scores, ref["probs"].numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(pred.background_scores, ref["background"].numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(pred.label_scores.sum(1) + pred.background_scores, 1.0, atol=1e-5)
     assert (pred.masks != ref["masks"].numpy()).sum() <= 2 * pred.masks.shape[0]
 
 
@@ -183,6 +203,27 @@ def test_point_prompts_match_the_spec(tiny_model):
     pred = p.predict(point_coords=points, point_labels=np.ones((3, 1)))
     ref = ref_predict(tiny_model, vocab, image, points=points)
     _check(pred, ref, vocab)
+
+
+def test_published_point_evaluation_pools_unscaled_gt_boxes(tiny_model):
+    """``clip_boxes`` (the published point-mode quirk, OVSAM_SPEC §6 item 3): the frozen-CLIP branch pools the
+    given boxes as they are, here GT boxes in original coordinates of an image that the model scales by 1024/310."""
+    from ovsam import predict_batch
+
+    vocab = TextVocab(tiny_model, seed=4)
+    image = make_image(310, 180, seed=2)
+    points = np.array([[[40.0, 60.0]], [[120.0, 200.0]]])
+    gt_boxes = np.array([[20.0, 30.0, 90.0, 110.0], [100.0, 150.0, 170.0, 290.0]])
+    [pred] = predict_batch(tiny_model, [image], [{"point_coords": points, "point_labels": np.ones((2, 1)),
+                                                   "clip_boxes": gt_boxes}], vocab)
+    ref = ref_predict(tiny_model, vocab, image, points=points, clip_boxes=gt_boxes)
+    _check(pred, ref, vocab)
+    [plain] = predict_batch(tiny_model, [image], [{"point_coords": points, "point_labels": np.ones((2, 1))}], vocab)
+    assert not np.allclose(plain.clip_embeddings, pred.clip_embeddings, atol=1e-3)  # the override was used
+    np.testing.assert_allclose(plain.low_res_logits, pred.low_res_logits, atol=1e-5)  # masks do not depend on it
+    with pytest.raises(ValueError, match="clip_boxes"):
+        predict_batch(tiny_model, [image], [{"point_coords": points, "point_labels": np.ones((2, 1)),
+                                             "clip_boxes": gt_boxes[:1]}], vocab)
 
 
 def test_empty_mask_uses_level_zero_box_and_no_clip(tiny_model):
