@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="comma-separated: segm, bbox (default: segm,bbox)")
     coco.add_argument("--per-class", type=positive_int, default=20, metavar="N",
                       help="rows of the per-class table printed, worst AP first (default: 20; all are in --json)")
+    _report_arguments(coco, "the AP table, per-class AP bars and the worst ground-truth instances (lowest IoU, "
+                            "confident wrong categories), ground truth beside prediction")
     _json_and_storage(coco, cmd_eval_coco, "report")
 
     cmp = sub.add_parser(
@@ -53,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="instances whose prompts differ are paired by mask IoU down to this (default: 0.5)")
     cmp.add_argument("--worst", type=positive_int, default=10, metavar="N",
                      help="pairs listed with the lowest IoU and with changed labels (default: 10; 100 in --json)")
+    _report_arguments(cmp, "the agreement table, the IoU histogram and the pairs with the lowest IoU and with "
+                           "changed labels, A beside B")
     _json_and_storage(cmp, cmd_eval_compare, "report")
 
     pr = sub.add_parser(
@@ -97,7 +101,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
     pr.add_argument("--overwrite", action="store_true",
                     help="discard an evaluation with another configuration in --output and start over")
+    pr.add_argument("--report", default=None, metavar="DIR",
+                    help="also write DIR/index.html, one self-contained page: the summary, per-class bars and the "
+                         "worst instances (lowest IoU, most confident wrong labels), ground truth beside prediction")
     _json_and_storage(pr, cmd_eval_prompts, "summary")
+
+
+def _report_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help=f"also write DIR/index.html, one self-contained page: {what}")
+    parser.add_argument("--shards", action="append", default=None, metavar="URLS",
+                        help="where the annotated inputs are now, for --report's pictures (default: the inputs "
+                             "recorded in run.json)")
 
 
 def _json_and_storage(parser: argparse.ArgumentParser, func, what: str) -> None:
@@ -128,6 +143,12 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
         raise UsageError(f"--pred {args.pred} is not the output of `ovsam annotate` (no run.json)")
     report = eval_coco(args.pred, args.gt, vocabulary=args.vocabulary, iou_types=types, storage_options=storage)
     print(format_report(report, per_class=args.per_class))
+    if args.report:
+        from pipeline.eval_report import write_coco_report
+
+        page = write_coco_report(report, args.report, args.pred, shards=args.shards, storage_options=storage,
+                                 title=f"ovsam eval coco: {args.pred} against {args.gt}")
+        print(f"wrote {page}")
     if args.json:
         with fsspec.open(args.json, "w", **storage) as f:
             json.dump({"gt": args.gt, "pred": args.pred, **report}, f, indent=1)
@@ -148,6 +169,12 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
     report = compare_outputs(args.a, args.b, min_iou=args.min_iou, worst=max(100, args.worst),
                              storage_options=storage)
     print(format_compare(report, rows=args.worst))
+    if args.report:
+        from pipeline.eval_report import write_compare_report
+
+        page = write_compare_report(report, args.report, shards=args.shards, storage_options=storage,
+                                    title=f"ovsam eval compare: {args.a} and {args.b}")
+        print(f"wrote {page}")
     if args.json:
         with fsspec.open(args.json, "w", **storage) as f:
             json.dump(report, f, indent=1)
@@ -181,6 +208,12 @@ def cmd_eval_prompts(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address, storage_options=storage)
     summary = run_eval_prompts(cfg, overwrite=args.overwrite)
     print(format_summary(summary))
+    if args.report:
+        from pipeline.eval_report import write_report
+
+        page = write_report(summary, args.report, images=args.images, storage_options=storage,
+                            title=f"ovsam eval prompts: {args.gt or ', '.join(args.shards)}")
+        print(f"wrote {page}")
     if args.json:
         with fsspec.open(args.json, "w", **storage) as f:
             json.dump(summary, f, indent=1)

@@ -116,6 +116,7 @@ def evaluate_samples(
     batch_size: int = 4,
     metric: InstanceMetric | None = None,
     published_point_boxes: bool = False,
+    observe: Any = None,
 ) -> InstanceMetric:
     """Run ``model`` on held-out samples with one GT-derived prompt per instance and accumulate the metric.
 
@@ -124,7 +125,8 @@ def evaluate_samples(
     ``prompt``: ``"box"`` (the GT box; image-level targets carry the whole-image box) or ``"point"`` (the mask's
     :func:`center_points`; needs masks). ``published_point_boxes`` reproduces the released point-prompt evaluation
     (OVSAM_SPEC §6 item 3): the frozen-CLIP branch pools the GT boxes in original-image coordinates, read as if
-    they were in the model's 1024 frame, instead of the mask's box."""
+    they were in the model's 1024 frame, instead of the mask's box. ``observe(target, prediction, ious, prompts)``,
+    if given, is called for every image with instances (ious None without masks), after the metric took it."""
     from .batch import predict_batch
 
     if prompt not in ("box", "point"):
@@ -135,7 +137,7 @@ def evaluate_samples(
     scale = model.config.recognition.logit_scale
 
     def flush(images: list[np.ndarray], targets: list[dict[str, Any]]) -> None:
-        prompts = []
+        prompts: list[dict[str, Any]] = []
         for t in targets:
             if prompt == "box":
                 prompts.append({"box": np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4)})
@@ -147,13 +149,15 @@ def evaluate_samples(
                 prompts.append(p)
         preds = predict_batch(model, images, prompts, vocabulary)
         gt_box_labels = _gt_box_head_labels(model, images, targets, text)
-        for pred, t, gt_box in zip(preds, targets, gt_box_labels):
+        for pred, t, gt_box, p in zip(preds, targets, gt_box_labels, prompts):
             if len(t["labels"]) == 0:
                 continue
             head = R.class_logits(torch.as_tensor(pred.head_embeddings), text, scale)[:, :-1].argmax(1).numpy()
             ious = mask_iou(pred.masks, t["masks"]) if t.get("masks") is not None else None
             metric.update(np.asarray(t["labels"]), np.asarray(pred.labels), ious=ious, head_labels=head,
                           gt_box_labels=gt_box, split=split)
+            if observe is not None:
+                observe(t, pred, ious, p)
 
     images: list[np.ndarray] = []
     targets: list[dict[str, Any]] = []

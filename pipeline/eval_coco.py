@@ -158,6 +158,7 @@ class Detections:
 
     results: dict[str, list[dict[str, Any]]]
     image_ids: list[int]
+    sources: dict[int, tuple[str, str]] = field(default_factory=dict)
     unmatched_images: list[str] = field(default_factory=list)
     duplicate_images: list[str] = field(default_factory=list)
     size_mismatches: list[str] = field(default_factory=list)
@@ -199,6 +200,7 @@ def collect_detections(fs: Any, output: str, gt: Any, classes: ClassInfo, match:
                 out.not_ok_images += 1
                 continue
             image_ids[row["image_key"]] = image_id
+            out.sources[image_id] = (part.shard, row["image_key"])
         rows = sorted(part.instances.to_pylist(), key=lambda r: (r["image_key"], r["instance_index"]))
         for row in rows:
             image_id = image_ids.get(row["image_key"])
@@ -218,6 +220,57 @@ def collect_detections(fs: Any, output: str, gt: Any, classes: ClassInfo, match:
                                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
     out.image_ids.sort()
     return out
+
+
+WORST = 12
+
+
+def worst_instances(gt: Any, detections: Detections, match: CategoryMatch, n: int = WORST) -> dict[str, list]:
+    """The ground-truth instances (of evaluated categories, on annotated images that decoded) with the lowest best
+    mask IoU against any prediction, and those whose best prediction (IoU >= 0.5) has another category, most
+    confident first: ``{"iou": [...], "label": [...]}``, each record with both masks as RLE."""
+    from pycocotools import mask as mask_utils
+
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for r in detections.results["segm"]:
+        by_image.setdefault(r["image_id"], []).append(r)
+    lowest: list[tuple] = []
+    wrong: list[tuple] = []
+    for image_id in detections.image_ids:
+        if image_id not in detections.sources:
+            continue
+        anns = [a for a in gt.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)
+                and a["category_id"] in match.cat_split]
+        if not anns:
+            continue
+        gts = []
+        for a in anns:
+            rle = gt.annToRLE(a)
+            gts.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")
+                        if isinstance(rle["counts"], bytes) else rle["counts"]})
+        dts = by_image.get(image_id, [])
+        ious = (np.asarray(mask_utils.iou([d["segmentation"] for d in dts], gts, [0] * len(gts)), dtype=np.float64)
+                .reshape(len(dts), len(gts)) if dts else np.zeros((0, len(gts))))
+        shard, key = detections.sources[image_id]
+        for g, a in enumerate(anns):
+            det = dts[int(np.argmax(ious[:, g]))] if dts else None
+            iou = float(ious[:, g].max()) if dts else 0.0
+            x, y, w, h = a["bbox"]
+            rec = {"shard": shard, "key": key, "image_id": image_id, "annotation_id": a["id"], "iou": iou,
+                   "gt_name": gt.cats[a["category_id"]]["name"], "gt_mask": gts[g], "box": [x, y, x + w, y + h],
+                   "pred_name": None if det is None else gt.cats[det["category_id"]]["name"],
+                   "score": None if det is None else float(det["score"]),
+                   "pred_mask": None if det is None else det["segmentation"]}
+            lowest.append((iou, shard, key, a["id"], rec))
+            if det is not None and iou >= 0.5 and det["category_id"] != a["category_id"]:
+                wrong.append((-float(det["score"]), shard, key, a["id"], rec))
+        for items in (lowest, wrong):
+            if len(items) > 4 * n:
+                items.sort(key=lambda t: t[:4])
+                del items[n:]
+    lowest.sort(key=lambda t: t[:4])
+    wrong.sort(key=lambda t: t[:4])
+    return {"iou": [t[-1] for t in lowest[:n]], "label": [t[-1] for t in wrong[:n]]}
 
 
 def _load_results(gt: Any, results: list[dict[str, Any]]) -> Any:
@@ -317,6 +370,7 @@ def eval_coco(output: str, gt_url: str, *, vocabulary: str | None = None, iou_ty
         raise ValueError(f"no annotated image matches a file_name of {gt_url} (e.g. {example!r}); the file names "
                          "must be the images' paths relative to the annotated input, or their tar member names")
     report = evaluate(gt, detections, match, iou_types)
+    report["worst"] = worst_instances(gt, detections, match)
     report["matching"] = {
         "images_evaluated": len(detections.image_ids), "images_in_gt": len(gt.dataset["images"]),
         "images_not_ok": detections.not_ok_images, "unmatched_images": len(detections.unmatched_images),
@@ -366,6 +420,6 @@ def format_report(report: dict[str, Any], per_class: int = 20) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ClassInfo", "CategoryMatch", "Detections", "IOU_TYPES", "STAT_NAMES", "classes_from_spec",
+__all__ = ["WORST", "worst_instances", "ClassInfo", "CategoryMatch", "Detections", "IOU_TYPES", "STAT_NAMES", "classes_from_spec",
            "collect_detections", "eval_coco", "evaluate", "format_report", "load_gt", "match_categories",
            "normalise_name", "run_classes", "slice_stats"]

@@ -99,7 +99,19 @@ class _Tally:
     by: dict[str, int] = field(default_factory=lambda: {"prompt": 0, "mask": 0})
     only_a: int = 0
     only_b: int = 0
-    worst: list[dict[str, Any]] = field(default_factory=list)
+    lowest: list[tuple] = field(default_factory=list)
+    changed: list[tuple] = field(default_factory=list)
+
+    def keep(self, items: list[tuple], rank: tuple, rec: dict[str, Any], n: int) -> None:
+        """Bounded: ``items`` holds at most ``4 n`` entries, and always the ``n`` smallest ranks seen."""
+        items.append((*rank, rec))
+        if len(items) > 4 * n:
+            items.sort(key=lambda t: t[:-1])
+            del items[n:]
+
+    @staticmethod
+    def first(items: list[tuple], n: int) -> list[dict[str, Any]]:
+        return [t[-1] for t in sorted(items, key=lambda t: t[:-1])[:n]]
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -156,10 +168,14 @@ def compare_outputs(output_a: str, output_b: str, *, min_iou: float = 0.5, worst
                 t.ious.append(iou)
                 t.same_label.append(ra["label_name"] == rb["label_name"])
                 t.shifts.append(float(rb["label_score"]) - float(ra["label_score"]))
-                t.worst.append({"shard": part_a.shard, "image_key": key, "instance_a": ra["instance_index"],
-                                "instance_b": rb["instance_index"], "iou": iou, "label_a": ra["label_name"],
-                                "label_b": rb["label_name"], "score_a": float(ra["label_score"]),
-                                "score_b": float(rb["label_score"])})
+                rec = {"shard": part_a.shard, "image_key": key, "instance_a": ra["instance_index"],
+                       "instance_b": rb["instance_index"], "iou": iou, "label_a": ra["label_name"],
+                       "label_b": rb["label_name"], "score_a": float(ra["label_score"]),
+                       "score_b": float(rb["label_score"]), "mask_a": _rle(ra), "mask_b": _rle(rb)}
+                where = (part_a.shard, key, ra["instance_index"])
+                t.keep(t.lowest, (iou, *where), rec, worst)
+                if ra["label_name"] != rb["label_name"]:
+                    t.keep(t.changed, (-max(rec["score_a"], rec["score_b"]), *where), rec, worst)
     shards["only_b"] = len(parts_b)
     ious = np.asarray(t.ious, dtype=np.float64)
     shifts = np.asarray(t.shifts, dtype=np.float64)
@@ -167,10 +183,8 @@ def compare_outputs(output_a: str, output_b: str, *, min_iou: float = 0.5, worst
     edges = (0.0, *IOU_EDGES, 1.0 + 1e-12)
     hist = {f"[{lo:g}, {min(hi, 1.0):g}{']' if hi > 1 else ')'}": int(((ious >= lo) & (ious < hi)).sum())
             for lo, hi in zip(edges[:-1], edges[1:])}
-    worst_iou = sorted(t.worst, key=lambda w: (w["iou"], w["shard"], w["image_key"], w["instance_a"]))[:worst]
-    wrong = sorted((w for w in t.worst if w["label_a"] != w["label_b"]),
-                   key=lambda w: (-max(w["score_a"], w["score_b"]), w["shard"], w["image_key"],
-                                  w["instance_a"]))[:worst]
+    worst_iou = t.first(t.lowest, worst)
+    wrong = t.first(t.changed, worst)
     return {
         "a": output_a, "b": output_b, "shards": shards, "images": images, "status_changes": status_examples,
         "instances": {"pairs": n, "paired_by_prompt": t.by["prompt"], "paired_by_mask": t.by["mask"],

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 PROMPTS = ("box", "point")
 DEFAULT_IMAGES_PER_UNIT = 200
+#: Instances kept per unit and prompt type for the report: the lowest IoU, and the most confident wrong labels.
+WORST = 12
 #: The paper's Table 1 (released OV-SAM RN50x16 weights, GT box prompts): mask IoU in percent.
 PAPER_TABLE1 = {"coco-val2017": {"box": {"base": 81.5, "novel": 84.0}},
                 "lvis-v1-val": {"box": {"base": 83.1, "novel": 83.6}}}
@@ -194,14 +196,70 @@ def _coco_samples(cfg: EvalPromptsConfig, unit: Unit, vocabulary: Any, gt: Any,
         boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                             for a in kept], dtype=np.float32)
         yield image, {"labels": np.asarray([class_of[a["category_id"]] for a in kept]), "boxes": boxes,
-                      "masks": masks}
+                      "masks": masks, "source": {"file_name": name}}
 
 
 def _shard_samples(cfg: EvalPromptsConfig, unit: Unit) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     from .train_data import eval_targets, iter_samples
 
-    for _, image, record in iter_samples([unit.shard], cfg.storage_options):
-        yield image, eval_targets(record)
+    for key, image, record in iter_samples([unit.shard], cfg.storage_options):
+        yield image, {**eval_targets(record), "source": {"shard": unit.shard, "key": key}}
+
+
+class _Details:
+    """What the report needs of a unit, per prompt type: sums per ground-truth class, the ``WORST`` instances by
+    IoU and the ``WORST`` most confident wrong labels (with both masks as RLE, the prompt and the image's source)."""
+
+    def __init__(self) -> None:
+        self.classes: dict[str, dict[int, dict[str, float]]] = {}
+        self.worst: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+    @staticmethod
+    def _keep(items: list[dict[str, Any]], rank: tuple, make: Any) -> None:
+        if len(items) < WORST or rank < items[-1]["_rank"]:
+            items.append({**make(), "_rank": rank})
+            items.sort(key=lambda r: r["_rank"])
+            del items[WORST:]
+
+    def observe(self, prompt: str, target: dict[str, Any], pred: Any, ious: Any, prompts: dict[str, Any]) -> None:
+        from ovsam.masks import encode_rle
+
+        per_class = self.classes.setdefault(prompt, {})
+        worst = self.worst.setdefault(prompt, {"iou": [], "label": []})
+        labels = np.asarray(target["labels"], dtype=np.int64)
+        source = target.get("source", {})
+        for i, c in enumerate(labels.tolist()):
+            got = int(pred.labels[i])
+            d = per_class.setdefault(c, {"count": 0.0, "correct": 0.0, "iou": 0.0, "masks": 0.0})
+            d["count"] += 1
+            d["correct"] += float(got == c)
+            iou = None if ious is None else float(ious[i])
+            if iou is not None:
+                d["iou"] += iou
+                d["masks"] += 1
+
+            def make(i: int = i, c: int = c, got: int = got, iou: float | None = iou) -> dict[str, Any]:
+                rec = {"source": source, "index": i, "gt_label": c, "label": got,
+                       "score": float(pred.label_scores[i, got]), "iou": iou,
+                       "box": [float(v) for v in np.asarray(target["boxes"])[i]],
+                       "pred_mask": encode_rle(np.asarray(pred.masks[i])[None])[0]}
+                if target.get("masks") is not None:
+                    rec["gt_mask"] = encode_rle(np.asarray(target["masks"][i])[None])[0]
+                if "point_coords" in prompts:
+                    rec["point"] = [float(v) for v in prompts["point_coords"][i, 0]]
+                return rec
+
+            where = (json.dumps(source, sort_keys=True), i)
+            if iou is not None:
+                self._keep(worst["iou"], (iou, *where), make)
+            if got != c:
+                self._keep(worst["label"], (-float(pred.label_scores[i, got]), *where), make)
+
+    def as_dict(self) -> dict[str, Any]:
+        strip = {p: {k: [{f: v for f, v in r.items() if f != "_rank"} for r in items] for k, items in w.items()}
+                 for p, w in self.worst.items()}
+        return {"classes": {p: {str(c): d for c, d in sorted(v.items())} for p, v in self.classes.items()},
+                "worst": strip}
 
 
 class UnitEvaluator:
@@ -229,6 +287,7 @@ class UnitEvaluator:
 
         t0 = time.perf_counter()
         result: dict[str, Any] = {"unit": unit.name, "sums": {}, "skipped": {}}
+        details = _Details()
         for prompt in self.cfg.prompts:
             skipped = {"instances_of_unmatched_categories": 0}
             if unit.shard is not None:
@@ -239,9 +298,13 @@ class UnitEvaluator:
                 samples = (s for s in samples if s[1].get("masks") is not None)
             metric = evaluate_samples(self.model, samples, self.vocabulary, prompt=prompt,
                                       batch_size=self.cfg.batch_size,
-                                      published_point_boxes=self.cfg.published_point_boxes)
+                                      published_point_boxes=self.cfg.published_point_boxes,
+                                      observe=lambda t, pred, ious, p, prompt=prompt: details.observe(
+                                          prompt, t, pred, ious, p))
             result["sums"][prompt] = dict(sorted(metric.sums.items()))
             result["skipped"] = skipped
+        result.update(details.as_dict())
+        result["class_names"] = list(self.vocabulary.names)
         result["seconds"] = time.perf_counter() - t0
         write_unit(self.cfg, unit, result)
         return result
@@ -313,6 +376,31 @@ def summarise(units: list[Unit], results: dict[str, dict[str, Any]], prompts: tu
     for unit in units:
         skipped += int(results[unit.name].get("skipped", {}).get("instances_of_unmatched_categories", 0))
     out["instances_of_unmatched_categories"] = skipped
+    names = next((results[u.name].get("class_names") for u in units if results[u.name].get("class_names")), None)
+    out["class_names"] = names
+    for prompt in prompts:
+        per_class: dict[str, dict[str, float]] = {}
+        worst: dict[str, list[dict[str, Any]]] = {"iou": [], "label": []}
+        for unit in units:
+            for c, d in results[unit.name].get("classes", {}).get(prompt, {}).items():
+                acc = per_class.setdefault(c, {})
+                for k, v in d.items():
+                    acc[k] = acc.get(k, 0.0) + float(v)
+            for kind in worst:
+                worst[kind] += results[unit.name].get("worst", {}).get(prompt, {}).get(kind, [])
+
+        def where(r: dict[str, Any]) -> tuple:
+            return json.dumps(r["source"], sort_keys=True), r["index"]
+
+        worst["iou"].sort(key=lambda r: (r["iou"], *where(r)))
+        worst["label"].sort(key=lambda r: (-r["score"], *where(r)))
+        table = []
+        for c, d in sorted(per_class.items(), key=lambda kv: int(kv[0])):
+            table.append({"class": int(c), "name": names[int(c)] if names else str(c), "count": d["count"],
+                          "acc": d["correct"] / d["count"] if d["count"] else None,
+                          "miou": d["iou"] / d["masks"] if d.get("masks") else None})
+        out["prompts"][prompt]["per_class"] = table
+        out["prompts"][prompt]["worst"] = {k: v[:WORST] for k, v in worst.items()}
     return out
 
 

@@ -248,3 +248,46 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
     if skipped:
         logger.info("skipped images by status: %s", json.dumps(skipped, sort_keys=True))
     return written
+
+
+def read_annotated_images(output: str, wanted: dict[str, set[str]], *, shards: list[str] | None = None,
+                          storage_options: dict | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """The decoded pixels of some annotated images of ``output``: ``wanted`` maps a committed shard to image keys.
+    They are read from the inputs recorded in run.json and the manifests (or ``shards``), each input once; an image
+    that cannot be found or decoded any more is left out (and logged)."""
+    import fsspec
+
+    from .decode import DEFAULT_MAX_PIXELS, decode_sample
+    from .ledger import Ledger
+    from .sources import open_shard
+
+    storage_options = dict(storage_options or {})
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    root = root.rstrip("/")
+    ledger = Ledger(fs, root)
+    run = ledger.run_record()
+    manifests = ledger.manifests()
+    refs = source_refs(fs, root, sorted(s for s in wanted if s in manifests), manifests, run, shards,
+                       storage_options)
+    max_pixels = int((run or {}).get("config", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for shard, keys in sorted(wanted.items()):
+        if shard not in refs:
+            logger.warning("shard %s: its input was not found; its images are not drawn", shard)
+            continue
+        left = set(keys)
+        reader = open_shard(refs[shard], storage_options)
+        try:
+            for sample in reader:
+                if sample.key in left:
+                    decoded = decode_sample(sample, max_pixels=max_pixels)
+                    left.discard(sample.key)
+                    if decoded.image is not None:
+                        out[(shard, sample.key)] = decoded.image
+                    if not left:
+                        break
+        finally:
+            reader.close()
+        if left:
+            logger.warning("shard %s: %d image(s) not found in %s", shard, len(left), refs[shard].url)
+    return out

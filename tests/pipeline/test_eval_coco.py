@@ -258,7 +258,7 @@ def test_real_annotation_output_from_sidecar_boxes(tmp_path, capsys) -> None:
                                       config_hash="h", batch_size=2, warm_up=False))
     for ref in expand_shards([str(folder)]):
         worker.process(ref)
-    write_run_json(fsspec.filesystem("file"), str(out), {"config_hash": "h", "config": {},
+    write_run_json(fsspec.filesystem("file"), str(out), {"config_hash": "h", "config": {"inputs": [str(folder)]},
                                                          "vocabulary": {"names": ["red square", "blue circle"]}})
     export = tmp_path / "export.json"
     assert main(["export", "--input", str(out), "-o", str(export)]) == 0
@@ -280,6 +280,13 @@ def test_real_annotation_output_from_sidecar_boxes(tmp_path, capsys) -> None:
             ev.accumulate()
             ev.summarize()
         np.testing.assert_array_equal([result[iou_type]["stats"][k] for k in STAT_NAMES], ev.stats)
+    # the report draws the 6 ground-truth instances, lowest best IoU first, on the annotated images
+    worst = result["worst"]["iou"]
+    assert len(worst) == 6 and [w["iou"] for w in worst] == sorted(w["iou"] for w in worst)
+    assert main(["eval", "coco", "--gt", str(gt_path), "--pred", str(out), "--report", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert page.count('<img class="case"') == 6 + len(result["worst"]["label"])
+    assert page.count('alt="per-class bars') == 2
 
 
 def test_matching_by_name_and_synonyms() -> None:

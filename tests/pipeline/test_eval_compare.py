@@ -121,7 +121,8 @@ def test_two_real_runs_fp32_against_itself_and_bf16(tmp_path) -> None:
                                           warm_up=False))
         for ref in expand_shards([str(folder)]):
             worker.process(ref)
-        write_run_json(fsspec.filesystem("file"), str(out), {"config_hash": "h", "config": {},
+        write_run_json(fsspec.filesystem("file"), str(out), {"config_hash": "h",
+                                                             "config": {"inputs": [str(folder)]},
                                                              "vocabulary": {"names": ["x"]}})
         outs[name] = out
     same = compare_outputs(str(outs["a"]), str(outs["b"]))
@@ -141,3 +142,8 @@ def test_two_real_runs_fp32_against_itself_and_bf16(tmp_path) -> None:
     assert other["label_agreement"] == pytest.approx(np.mean([x["label"] == y["label"] for x, y in zip(ra, rc)]))
     shifts = [y["label_score"] - x["label_score"] for x, y in zip(ra, rc)]
     assert other["score_shift"]["mean"] == pytest.approx(np.mean(shifts), abs=1e-7)
+    assert [w["iou"] for w in other["worst_iou"]] == sorted(ious)
+    # the report draws the pairs, lowest IoU first (all 12 here), and the changed labels, A beside B
+    assert main(["eval", "compare", str(outs["a"]), str(outs["c"]), "--report", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert page.count('<img class="case"') == 12 + 12 - round(12 * other["label_agreement"])

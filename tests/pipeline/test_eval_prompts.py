@@ -229,3 +229,85 @@ def test_usage_errors_exit_2(coco_set, tmp_path, argv, flag, capsys) -> None:
     assert main(base + argv) == 2
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the HTML report
+
+ARTEFACTS = ROOT / "test-artifacts"
+
+
+def test_report_shows_the_worst_instances_of_the_run(coco_set, local_run, tmp_path) -> None:
+    from pipeline.eval_prompts import WORST
+    from pipeline.eval_report import write_report
+
+    page = write_report(local_run, tmp_path / "report", images=str(coco_set["images"]))
+    text = page.read_text()
+    for prompt in ("box", "point"):
+        rec = local_run["prompts"][prompt]
+        worst = rec["worst"]["iou"]
+        n = int(rec["sums"]["count"])
+        assert len(worst) == min(WORST, n)
+        assert [w["iou"] for w in worst] == sorted(w["iou"] for w in worst)
+        # the lowest IoU of the run is the first shown (the mean is over the same instances)
+        assert worst[0]["iou"] <= rec["summary"]["miou"]
+        wrong = rec["worst"]["label"]
+        assert all(w["label"] != w["gt_label"] for w in wrong)
+        assert len(wrong) == min(WORST, n - int(rec["sums"]["correct"]))
+        assert [r["name"] for r in rec["per_class"]] == ["red square", "blue circle", "green triangle"]
+        assert sum(r["count"] for r in rec["per_class"]) == n
+    figures = text.count('<img class="case"')
+    assert figures == sum(len(local_run["prompts"][p]["worst"][k]) for p in ("box", "point") for k in ("iou", "label"))
+    assert text.count('alt="per-class bars') == 2 and "data:image/png;base64," in text
+    assert "src=\"http" not in text and "<script" not in text  # self-contained
+
+
+def _chromium() -> tuple[str, str]:
+    """Debian's chromium and its driver, installed with apt-get where missing."""
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        cmd = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+        if os.geteuid() != 0:
+            cmd = ["sudo", "-n", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=900)
+        if proc.returncode != 0:
+            pytest.fail(f"could not install chromium and chromium-driver with apt-get: {proc.stderr[-1000:]}")
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def test_report_opens_in_a_headless_browser_without_errors(coco_set, local_run, tmp_path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from pipeline.eval_report import write_report
+
+    page = write_report(local_run, tmp_path / "report", images=str(coco_set["images"]))
+    browser, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,2400"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(page.as_uri())
+        loaded = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.className, i.complete && i.naturalWidth > 0])")
+        cases = [ok for cls, ok in loaded if cls == "case"]
+        assert cases and all(ok for _, ok in loaded), loaded
+        assert driver.find_element("tag name", "h1").text.startswith("ovsam eval prompts")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        ARTEFACTS.mkdir(exist_ok=True)
+        shot = ARTEFACTS / "eval_prompts_report.png"
+        assert driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    from PIL import Image
+
+    with Image.open(shot) as img:  # the worst cases are drawn: magenta and green tints in the screenshot
+        px = np.asarray(img.convert("RGB")).reshape(-1, 3).astype(int)
+    assert ((px[:, 0] > 180) & (px[:, 1] < 90) & (px[:, 2] > 150)).sum() > 200
