@@ -463,28 +463,37 @@ def _run_on_ray(cfg: EvalPromptsConfig, todo: list[Unit], total: int, done: int,
     return results
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """A table: per prompt type, IoU and accuracy over all, base and novel instances (percent), with the paper's
-    IoU beside them where the set is one it reports (``summary["paper"]``)."""
-    paper = summary.get("paper")
-    lines = [f"{'prompt':<8}{'split':<8}{'count':>9}{'mIoU':>8}{'acc':>8}"]
+def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per prompt type and split (all, base, novel) with instances: count, mIoU and accuracy (fractions; mIoU None
+    without masks), and the paper's mIoU in percent where the set is one it reports (else None)."""
+    paper = summary.get("paper") or {}
+    rows = []
     for prompt, rec in summary["prompts"].items():
         s = rec["summary"]
         for split, prefix in (("all", ""), ("base", "base_"), ("novel", "novel_")):
             n = rec["sums"].get(prefix + "count", 0)
-            if not n:
-                continue
-            miou = s.get(prefix + "miou")
-            line = (f"{prompt:<8}{split:<8}{int(n):>9}" + (f"{100 * miou:>8.1f}" if miou is not None else f"{'-':>8}")
-                    + f"{100 * s[prefix + 'acc']:>8.1f}")
-            if paper and prompt in paper and split in paper[prompt]:
-                line += f"   paper: mIoU {paper[prompt][split]:.1f} (released weights, Table 1)"
-            lines.append(line)
+            if n:
+                rows.append({"prompt": prompt, "split": split, "count": int(n), "miou": s.get(prefix + "miou"),
+                             "acc": s[prefix + "acc"], "paper_miou": paper.get(prompt, {}).get(split)})
+    return rows
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A table: per prompt type, IoU and accuracy over all, base and novel instances (percent), with the paper's
+    IoU beside them where the set is one it reports (``summary["paper"]``)."""
+    lines = [f"{'prompt':<8}{'split':<8}{'count':>9}{'mIoU':>8}{'acc':>8}"]
+    for r in summary_rows(summary):
+        line = (f"{r['prompt']:<8}{r['split']:<8}{r['count']:>9}"
+                + (f"{100 * r['miou']:>8.1f}" if r["miou"] is not None else f"{'-':>8}") + f"{100 * r['acc']:>8.1f}")
+        if r["paper_miou"] is not None:
+            line += f"   paper: mIoU {r['paper_miou']:.1f} (released weights, Table 1)"
+        lines.append(line)
     if summary.get("instances_of_unmatched_categories"):
         lines.append(f"({summary['instances_of_unmatched_categories']} ground-truth instances of categories no "
                      "vocabulary class names were left out)")
     return "\n".join(lines)
 
 
-__all__ = ["EvalPromptsConfig", "PAPER_TABLE1", "PROMPTS", "known_set", "Unit", "UnitEvaluator", "check_output", "done_units", "format_summary",
-           "plan_units", "resolve_vocabulary", "run_eval_prompts", "shard_set_vocabulary", "summarise"]
+__all__ = ["EvalPromptsConfig", "PAPER_TABLE1", "PROMPTS", "WORST", "Unit", "UnitEvaluator", "check_output",
+           "done_units", "format_summary", "image_file_name", "known_set", "plan_units", "resolve_vocabulary",
+           "run_eval_prompts", "shard_set_vocabulary", "summarise", "summary_rows"]

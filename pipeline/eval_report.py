@@ -188,22 +188,14 @@ figcaption {{ font-size: 12px; color: #555; max-width: 648px; }}
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
-    paper = summary.get("paper") or {}
-    rows = []
-    for prompt, rec in summary["prompts"].items():
-        s = rec["summary"]
-        for split, prefix in (("all", ""), ("base", "base_"), ("novel", "novel_")):
-            n = rec["sums"].get(prefix + "count", 0)
-            if not n:
-                continue
-            miou = s.get(prefix + "miou")
-            cells = [prompt, split, str(int(n)), "-" if miou is None else f"{100 * miou:.1f}",
-                     f"{100 * s[prefix + 'acc']:.1f}"]
-            if paper:
-                cells.append(f"{paper.get(prompt, {}).get(split, '-')}")
-            rows.append(cells)
-    header = ["prompt", "split", "instances", "mIoU %", "top-1 %"] + (["paper mIoU %"] if paper else [])
-    return html_table(header, rows)
+    from .eval_prompts import summary_rows
+
+    rows = summary_rows(summary)
+    paper = any(r["paper_miou"] is not None for r in rows)
+    cells = [[r["prompt"], r["split"], str(r["count"]), "-" if r["miou"] is None else f"{100 * r['miou']:.1f}",
+              f"{100 * r['acc']:.1f}"] + ([str(r["paper_miou"] or "-")] if paper else []) for r in rows]
+    return html_table(["prompt", "split", "instances", "mIoU %", "top-1 %"] + (["paper mIoU %"] if paper else []),
+                      cells)
 
 
 def write_report(summary: dict[str, Any], out_dir: str | Path, *, images: str | None = None,

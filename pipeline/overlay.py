@@ -153,6 +153,18 @@ def source_refs(fs: Any, root: str, shards_done: list[str], manifests: dict[str,
     return out
 
 
+def _open_output(output: str, storage_options: dict) -> tuple[Any, str, Any, dict | None, dict[str, dict]]:
+    """``(fs, root, ledger, run.json record, manifests)`` of an annotation output."""
+    import fsspec
+
+    from .ledger import Ledger
+
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    root = root.rstrip("/")
+    ledger = Ledger(fs, root)
+    return fs, root, ledger, ledger.run_record(), ledger.manifests()
+
+
 def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: list[str] | None = None,
                    storage_options: dict | None = None, on_written: Any = None) -> list[Path]:
     """Render up to ``limit`` committed images of the annotation output ``output`` into ``out_dir``.
@@ -164,19 +176,12 @@ def write_overlays(output: str, out_dir: str | Path, *, limit: int = 8, shards: 
     Raises ``ValueError`` when no committed shard can be matched to a tar, when a matched tar cannot be opened, or
     when a decoded image's size differs from the one recorded for it (the tar is not the one that was annotated).
     """
-    import fsspec
-
     from .decode import DEFAULT_MAX_PIXELS, decode_sample
-    from .ledger import Ledger
     from .sinks import read_parquet
     from .sources import open_shard
 
     storage_options = dict(storage_options or {})
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    root = root.rstrip("/")
-    ledger = Ledger(fs, root)
-    run = ledger.run_record()
-    manifests = ledger.manifests()
+    fs, root, ledger, run, manifests = _open_output(output, storage_options)
     done = sorted(ledger.committed_shards(run["config_hash"]) if run and "config_hash" in run else manifests)
     if not done:
         raise ValueError(f"{output} has no committed shards; expected the output of `ovsam annotate`")
@@ -255,18 +260,11 @@ def read_annotated_images(output: str, wanted: dict[str, set[str]], *, shards: l
     """The decoded pixels of some annotated images of ``output``: ``wanted`` maps a committed shard to image keys.
     They are read from the inputs recorded in run.json and the manifests (or ``shards``), each input once; an image
     that cannot be found or decoded any more is left out (and logged)."""
-    import fsspec
-
     from .decode import DEFAULT_MAX_PIXELS, decode_sample
-    from .ledger import Ledger
     from .sources import open_shard
 
     storage_options = dict(storage_options or {})
-    fs, root = fsspec.core.url_to_fs(output, **storage_options)
-    root = root.rstrip("/")
-    ledger = Ledger(fs, root)
-    run = ledger.run_record()
-    manifests = ledger.manifests()
+    fs, root, _, run, manifests = _open_output(output, storage_options)
     refs = source_refs(fs, root, sorted(s for s in wanted if s in manifests), manifests, run, shards,
                        storage_options)
     max_pixels = int((run or {}).get("config", {}).get("max_pixels") or DEFAULT_MAX_PIXELS)
