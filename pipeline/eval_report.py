@@ -84,14 +84,14 @@ def side_by_side(image: np.ndarray, left: tuple[Any, tuple[int, int, int], str],
     panels = []
     for mask, colour, caption in (left, right):
         panel = Image.fromarray(_tinted(image, mask, colour))
-        d = ImageDraw.Draw(panel)
-        if point is not None:
-            x, y = point
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], outline="yellow", width=2)
-        elif box is not None:
-            d.rectangle(list(box), outline="yellow", width=2)
         scale = PANEL_SIDE / max(panel.size)
         panel = panel.resize((max(1, round(panel.width * scale)), max(1, round(panel.height * scale))))
+        d = ImageDraw.Draw(panel)  # the prompt, drawn at the panel's scale so its lines stay thin
+        if point is not None:
+            x, y = (v * scale for v in point)
+            d.ellipse([x - 5, y - 5, x + 5, y + 5], outline="yellow", width=2)
+        elif box is not None:
+            d.rectangle([v * scale for v in box], outline="yellow", width=2)
         framed = Image.new("RGB", (PANEL_SIDE, panel.height + 20), "white")
         framed.paste(panel, (0, 0))
         ImageDraw.Draw(framed).text((4, panel.height + 4), caption[:48], fill="black")
