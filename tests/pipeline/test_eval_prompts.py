@@ -267,11 +267,13 @@ def _chromium() -> tuple[str, str]:
     import shutil
 
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        cmd = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-        if os.geteuid() != 0:
-            cmd = ["sudo", "-n", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=900)
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = [*sudo, "apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
+        if proc.returncode != 0:  # stale or missing package lists: update them once and try again
+            subprocess.run([*sudo, "apt-get", "update", "-q"], capture_output=True, env=env, timeout=900)
+            proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
             pytest.fail(f"could not install chromium and chromium-driver with apt-get: {proc.stderr[-1000:]}")
     return shutil.which("chromium"), shutil.which("chromedriver")
