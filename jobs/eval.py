@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prompts", help="the paper's interactive protocol: box and point prompts per GT instance, IoU and accuracy",
         description="OV-SAM's open-vocabulary interactive segmentation protocol (OVSAM_SPEC §5): every ground-truth "
                     "instance is one prompt, its GT box or its centre point (the mask pixel farthest from the "
-                    "boundary); mask IoU and top-1 accuracy are micro-averaged over all, base and novel instances. "
+                    "background, by kornia's distance transform in the model's input frame, as published); mask IoU and top-1 accuracy are micro-averaged over all, base and novel instances. "
                     "The set is split into units (a packed shard, or --images-per-unit COCO images) evaluated on "
                     "Ray actors; a killed evaluation resumes with the units left.")
     data = pr.add_argument_group("evaluation set (one of)")

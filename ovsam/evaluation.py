@@ -35,23 +35,35 @@ def mask_iou(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> 
     return (inter / (union + 1e-8)).numpy()
 
 
-def center_points(masks: np.ndarray) -> np.ndarray:
-    """One point per mask, ``[N, 2]`` integer (x, y): the foreground pixel farthest from the background (exact
-    Euclidean distance transform of the mask padded by one background pixel, first maximum in row-major order).
-    An empty mask gives (0, 0).
+def center_points(masks: np.ndarray, input_size: tuple[int, int] | None = None) -> np.ndarray:
+    """One point per mask as the published evaluation chooses it (OVSAM_SPEC §1.10, ``get_center_coords``), ``[N, 2]``
+    float64 (x, y) in the masks' frame: the mask is resized to the model's input frame ``input_size`` (``(h, w)``;
+    nearest neighbour, as mmdet rescales masks; default: the masks' own size), padded by a pixel of background,
+    kornia's ``distance_transform`` of its inverse gives each pixel's distance to the background, and the first
+    maximum in row-major order is the point, mapped back to the masks' frame. An empty mask gives (0, 0).
 
-    The published evaluation uses kornia's approximate distance transform, which can pick another pixel on a
-    plateau of equal distances."""
+    Each mask is transformed on its box plus the background margin, which gives the same distances as the whole
+    frame (every background pixel beyond the margin is farther than the margin, and the cascade's replicate
+    padding repeats background there too)."""
     import cv2
+    import kornia
 
-    out = np.zeros((len(masks), 2), dtype=np.int64)
-    for i, m in enumerate(masks):
-        if not m.any():
+    n, h, w = masks.shape
+    nh, nw = input_size if input_size is not None else (h, w)
+    out = np.zeros((n, 2), dtype=np.float64)
+    for i, m in enumerate(np.asarray(masks, dtype=bool)):
+        r = m if (nh, nw) == (h, w) else \
+            cv2.resize(m.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool)
+        ys, xs = np.nonzero(r)
+        if len(ys) == 0:
             continue
-        padded = np.pad(m.astype(np.uint8), 1)
-        dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+        y0, x0 = int(ys.min()), int(xs.min())
+        crop = np.pad(r[y0 : int(ys.max()) + 1, x0 : int(xs.max()) + 1], 1)
+        inverse = torch.from_numpy((~crop).astype(np.float32))[None, None]
+        dist = kornia.contrib.distance_transform(inverse)[0, 0].numpy()
         idx = int(np.argmax(dist))
-        out[i] = (idx % m.shape[1], idx // m.shape[1])
+        y, x = divmod(idx, crop.shape[1])
+        out[i] = ((x0 - 1 + x) * w / nw, (y0 - 1 + y) * h / nh)
     return out
 
 
@@ -123,10 +135,11 @@ def evaluate_samples(
     Each sample is ``(image HxWx3 uint8 RGB, target)`` with target keys ``labels`` ``[N]`` and, per kind, ``boxes``
     ``[N, 4]`` xyxy original pixels and ``masks`` ``[N, H, W]`` bool (mask data; IoU is measured only then).
     ``prompt``: ``"box"`` (the GT box; image-level targets carry the whole-image box) or ``"point"`` (the mask's
-    :func:`center_points`; needs masks). ``published_point_boxes`` reproduces the released point-prompt evaluation
+    :func:`center_points` in the model's input frame, as published; needs masks). ``published_point_boxes`` reproduces the released point-prompt evaluation
     (OVSAM_SPEC §6 item 3): the frozen-CLIP branch pools the GT boxes in original-image coordinates, read as if
     they were in the model's 1024 frame, instead of the mask's box. ``observe(target, prediction, ious, prompts)``,
     if given, is called for every image with instances (ious None without masks), after the metric took it."""
+    from . import transforms as T
     from .batch import predict_batch
 
     if prompt not in ("box", "point"):
@@ -142,7 +155,8 @@ def evaluate_samples(
             if prompt == "box":
                 prompts.append({"box": np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4)})
             else:
-                pts = center_points(t["masks"]).astype(np.float32)
+                image_hw = np.asarray(t["masks"]).shape[1:]
+                pts = center_points(t["masks"], T.preprocess_shape(*image_hw, model.image_size)).astype(np.float32)
                 p = {"point_coords": pts[:, None, :], "point_labels": np.ones((len(pts), 1))}
                 if published_point_boxes:
                     p["clip_boxes"] = np.asarray(t["boxes"], dtype=np.float32).reshape(-1, 4)

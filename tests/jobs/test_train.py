@@ -131,10 +131,11 @@ def test_shipped_recipe_improves_heldout_iou_and_accuracy(ray_local, shards, tmp
 
 def test_eval_prompts_equals_the_training_jobs_heldout_evaluation(reference, shards, tmp_path):
     """``ovsam eval prompts --shards`` on the trained model, with the vocabulary the run classified against, gives
-    the numbers of the training job's own final held-out evaluation: the same instances, and the same IoU and
-    accuracy up to float rounding. The training job's 2 Ray Train workers each batch every other sample, at 1
-    torch thread each; kernels round a little differently for other batches, which moves a few mask pixels (box
-    mIoU 3.5e-5 apart here) and, for this short-run model's near-tied classes, a few labels (2 of 122 boxes)."""
+    the numbers of the training job's own final held-out evaluation: the same instances, and IoU and accuracy
+    within a few pixels and labels. (Not to the bit: the training job's number moves with how its 2 workers batch
+    the samples, 3.5e-5 of box mIoU and 2 of 122 box labels here, while ``eval prompts`` on the saved output gives
+    the same digits at any batch size or thread count, as does the training job's own evaluation function run on
+    the saved output in one process.)"""
     from pipeline.eval_prompts import EvalPromptsConfig, run_eval_prompts
 
     out = reference["out"]
@@ -142,20 +143,15 @@ def test_eval_prompts_equals_the_training_jobs_heldout_evaluation(reference, sha
                             checkpoint=str(out / "model.safetensors"),
                             vocabulary=str(out / "model.synthetic.vocab.safetensors"),
                             shards=(str(shards / "mask" / "heldout"),), batch_size=4, workers=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        summary = run_eval_prompts(cfg, progress=lambda *_: None)
-    finally:
-        torch.set_num_threads(threads)
+    summary = run_eval_prompts(cfg, progress=lambda *_: None)
     for prompt in ("box", "point"):
         got = summary["prompts"][prompt]["summary"]
         count = got["count"]
         assert count == reference[f"eval/synthetic/{prompt}/count"] > 100
-        assert got["miou"] == pytest.approx(reference[f"eval/synthetic/{prompt}/miou"], abs=2e-4), prompt
-        for key in ("acc", "head_acc", "gt_box_acc"):  # at most 3 of the ~120 labels flipped by rounding
+        assert got["miou"] == pytest.approx(reference[f"eval/synthetic/{prompt}/miou"], abs=2e-3), prompt
+        for key in ("acc", "head_acc", "gt_box_acc"):  # a few of the ~120 near-tied labels
             want = reference[f"eval/synthetic/{prompt}/{key}"]
-            assert abs(got[key] - want) <= 3.01 / count, (prompt, key, got[key], want)
+            assert abs(got[key] - want) <= 4.01 / count, (prompt, key, got[key], want)
 
 
 def _close(a: dict, b: dict, keys: list[str], tol: float) -> None:

@@ -33,8 +33,47 @@ def test_center_points_are_inside_and_central():
     pts = E.center_points(m)
     assert tuple(pts[0]) == (15, 10)
     x, y = pts[1]
-    assert m[1, y, x]
+    assert m[1, int(y), int(x)]
     assert tuple(pts[2]) == (0, 0)  # empty mask
+
+
+def published_centre(mask: np.ndarray, input_size: tuple[int, int]) -> tuple[float, float]:
+    """OVSAM_SPEC §1.10 as written, on the whole frame: nearest-neighbour rescale to the input frame, one pixel of
+    background padding, kornia's distance transform of the inverse, the padding cropped, the flat argmax."""
+    import cv2
+    import kornia
+
+    nh, nw = input_size
+    r = cv2.resize(mask.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST)
+    padded = np.pad(r, 1)
+    dist = kornia.contrib.distance_transform(torch.from_numpy(1.0 - padded.astype(np.float32))[None, None])
+    dist = dist[0, 0, 1:-1, 1:-1].numpy()
+    idx = int(np.argmax(dist))
+    y, x = idx // nw, idx % nw
+    return x * mask.shape[1] / nw, y * mask.shape[0] / nh
+
+
+@pytest.mark.parametrize("input_size", [(40, 60), (160, 240), (27, 40)])
+def test_center_points_follow_the_published_procedure(input_size):
+    """Random blobs, masks touching the border, two parts, plateaus (even-sized rectangles): the same points as
+    the procedure restated on the whole frame, in frames larger and smaller than the masks'."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(6):
+        m = np.zeros((40, 60), dtype=np.uint8)
+        for _ in range(int(rng.integers(1, 3))):
+            cv2.ellipse(m, (int(rng.integers(0, 60)), int(rng.integers(0, 40))),
+                        (int(rng.integers(3, 20)), int(rng.integers(3, 15))), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        masks.append(m.astype(bool))
+    rect = np.zeros((40, 60), dtype=bool)
+    rect[10:20, 0:16] = True  # even sides and on the border: a plateau of maxima
+    masks.append(rect)
+    masks = np.stack(masks)
+    got = E.center_points(masks, input_size)
+    want = np.array([published_centre(m, input_size) for m in masks])
+    np.testing.assert_array_equal(got, want)
 
 
 def test_instance_metric_micro_averages_and_split():

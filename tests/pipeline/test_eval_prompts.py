@@ -75,15 +75,13 @@ def _config(coco_set, out: Path, **kw) -> EvalPromptsConfig:
                              batch_size=2, **kw)
 
 
-def _centre(m: np.ndarray) -> tuple[int, int]:
-    """The foreground pixel farthest (Euclidean) from every background pixel, the image border counting as
-    background; the first such pixel in row-major order."""
-    padded = np.pad(m, 1)
-    bg = np.argwhere(~padded).astype(np.float64)
-    fg = np.argwhere(padded)
-    d = np.sqrt(((fg[:, None, :] - bg[None, :, :]) ** 2).sum(-1)).min(1)
-    y, x = fg[int(np.argmax(d))] - 1
-    return int(x), int(y)
+def _centre(m: np.ndarray) -> tuple[float, float]:
+    """The published centre point (OVSAM_SPEC §1.10), restated on the whole frame of ovsam-tiny's input."""
+    from ovsam.transforms import preprocess_shape
+
+    from ..ovsam.test_evaluation import published_centre
+
+    return published_centre(m, preprocess_shape(*m.shape, 256))
 
 
 def _by_hand(coco_set, published_point_boxes: bool = False) -> dict:
