@@ -390,6 +390,8 @@ def train_loop(config: dict) -> None:
                         "samples_per_s": window_samples / max(elapsed, 1e-9), "world_size": world,
                         "resumed_from": -1 if restored_from is None else restored_from})
         metrics.update({f"batches/{k}": v for k, v in counts.items()})
+        if do_eval or do_ckpt:  # one model on every worker, and in the checkpoint
+            trainer.average_norm_statistics(model)
         if do_eval:
             metrics.update(evaluate_heldout(model, heldout, cfg, "eval/"))
         trainer.report(dict(metrics), state=checkpoint_state() if do_ckpt else None,

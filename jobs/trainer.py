@@ -287,6 +287,29 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def average_norm_statistics(module: torch.nn.Module) -> int:
+    """Replace every BatchNorm running mean and variance in ``module`` by its mean over the workers; returns how
+    many buffers that was (0 in one process).
+
+    Gradients are averaged, so the workers' weights stay equal, but each worker's BatchNorm statistics follow its
+    own batches; without this the workers would evaluate with different models and rank 0's checkpoint would hold
+    only its own statistics. Every rank must call it."""
+    buffers = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var) if b is not None]
+    if not _distributed() or not buffers:
+        return 0
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    with torch.no_grad():
+        for b in buffers:
+            n = b.numel()
+            b.copy_(flat[offset : offset + n].view_as(b).to(b.dtype))
+            offset += n
+    return len(buffers)
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """The mean of each value over the workers (every rank must pass the same keys); the input in one process."""
     if not _distributed() or not values:
