@@ -476,9 +476,10 @@ def test_driver_killed_and_rerun_commits_reference_output(ray_local, corpus, ref
 
 
 def test_workers_killed_while_running_commit_reference_output(ray_local, corpus, reference, tmp_path, capsys):
-    """Three SIGKILLs of ShardWorker actor processes while they annotate or commit a shard (a seeded random delay
-    after one is busy): the job finishes without failures and its output equals the reference. (Three, so that
-    even if every kill hits the same shard it stays within the driver's four attempts per shard.)"""
+    """Two or three SIGKILLs of ShardWorker actor processes while they annotate or commit a shard (a seeded random
+    delay after one is busy): the job finishes without failures and its output equals the reference. (At most
+    three, so that even if every kill hits the same shard it stays within the driver's four attempts per shard; at
+    least two, as the restarted workers can finish the last shards before a third one is seen busy.)"""
     rng = random.Random(SEED + 1)
     out = tmp_path / "out"
     observe = Observer(out)
@@ -516,7 +517,7 @@ def test_workers_killed_while_running_commit_reference_output(ray_local, corpus,
         print(f"\nworker kills (s, pid): {kills}; shards committed by pids "
               f"{sorted({s['pid'] for s in summary.per_shard})}; {time.monotonic() - t0:.1f}s; "
               f"{observe.count} observations of the output")
-    assert len(kills) == 3, f"only {len(kills)} kills before the job finished"
+    assert len(kills) >= 2, f"only {len(kills)} kills before the job finished"
     assert not summary.failed
     assert sorted(s["shard"] for s in summary.per_shard) == corpus["shards"]
     assert_equals_reference(out, reference)
