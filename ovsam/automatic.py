@@ -104,6 +104,13 @@ class OvsamMaskGenerator:
         ``bbox`` (XYWH), ``box_xyxy``, ``predicted_iou``, ``stability_score``, ``point_coords`` and, with a
         vocabulary, ``label``, ``label_name``, ``label_score``, ``background_score``, ``top_labels``, ``top_scores``."""
         self.predictor.set_image(image, image_format)
+        return self.generate_for_set_image()
+
+    @torch.no_grad()
+    def generate_for_set_image(self) -> list[dict[str, Any]]:
+        """:meth:`generate` for the image already set on ``self.predictor`` (``set_image``, or
+        ``load_features`` with features computed earlier)."""
+        self.predictor._require_image()
         original_size = self.predictor.original_size
         input_size = self.predictor.input_size
         points = self.point_grid(original_size)

@@ -430,15 +430,22 @@ def predict_images(
     vocabulary: Any = None,
     multimask_output: bool = False,
     prompt_chunk: int = DEFAULT_PROMPT_CHUNK,
+    feature_index: Sequence[int] | None = None,
 ) -> list[Prediction]:
     """Validated original-frame prompts of every image of a batch (``features`` from :func:`encode_images`, image
     ``i`` with ``sizes[i] = (original_size, input_size)``) -> one tensor :class:`Prediction` per image.
 
     Prompts of the same kind (boxes, or K points, with or without a mask) from all images go through the decoder
     together, ``prompt_chunk`` per call; each image's masks are then upscaled to its own frame.
+    ``feature_index``: prompt set ``i`` uses the features of batch entry ``feature_index[i]`` (default ``i``), so
+    several prompt sets can share one image's features.
     """
     if len(prompt_sets) != len(sizes):
         raise ValueError(f"got {len(prompt_sets)} prompt sets for {len(sizes)} images")
+    if feature_index is None:
+        feature_index = range(len(prompt_sets))
+    elif len(feature_index) != len(prompt_sets):
+        raise ValueError(f"got {len(feature_index)} feature indices for {len(prompt_sets)} prompt sets")
     tensors = [prompt_tensors(model, ps, *size) for ps, size in zip(prompt_sets, sizes)]
     clip = [None if ps.clip_boxes is None else torch.as_tensor(ps.clip_boxes, dtype=torch.float32,
                                                                device=model.device) for ps in prompt_sets]
@@ -451,7 +458,8 @@ def predict_images(
     decoded: list[DecodedPrompts | None] = [None] * len(prompt_sets)
     for members in groups.values():
         counts = [len(prompt_sets[i]) for i in members]
-        index = torch.cat([torch.full((c,), i, dtype=torch.long) for i, c in zip(members, counts)]).to(model.device)
+        index = torch.cat([torch.full((c,), feature_index[i], dtype=torch.long)
+                           for i, c in zip(members, counts)]).to(model.device)
 
         def cat(pick):
             parts = [pick(tensors[i]) for i in members]

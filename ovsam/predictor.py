@@ -55,6 +55,16 @@ class OvsamPredictor:
                                 self.model.image_size)
         self._set(x, tuple(int(v) for v in original_image_size), tuple(int(v) for v in transformed_image.shape[-2:]))
 
+    def load_features(self, features: Any, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
+        """Use features computed earlier for one image (``encode_images`` of its prepared tensor, batch of one,
+        e.g. kept in a cache) instead of computing them again; ``original_size`` and ``input_size`` are ``(H, W)``
+        as :class:`~ovsam.batch.PreparedImage` gives them."""
+        self.reset_image()
+        self.features = features
+        self.original_size = tuple(int(v) for v in original_size)
+        self.input_size = tuple(int(v) for v in input_size)
+        self.is_image_set = True
+
     def _set(self, x: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]) -> None:
         self.reset_image()
         self.features = encode_images(self.model, x)

@@ -65,6 +65,34 @@ def test_predict_batch_equals_predictor(tiny_model, tiny_vocab):
         _assert_same(a, b)
 
 
+def test_cached_features_and_shared_feature_index(tiny_model, tiny_vocab):
+    """Features computed once serve later prompts: ``load_features`` gives the predictor's answers, and several
+    prompt sets of one image decode together against one feature entry (``feature_index``)."""
+    import torch
+
+    from ovsam.batch import encode_images, predict_images, prepare_image
+    from ovsam.prompts import PromptSet
+
+    img, other = make_image(160, 200, 3), make_image(120, 90, 4)
+    p = OvsamPredictor(tiny_model, tiny_vocab)
+    p.set_image(img)
+    want = [p.predict(box=BOXES[:1]), p.predict(point_coords=np.array([[30.0, 40.0]]), point_labels=np.ones(1))]
+    prepared = [prepare_image(tiny_model, im) for im in (other, img)]
+    features = encode_images(tiny_model, torch.stack([x.tensor for x in prepared]))
+    q = OvsamPredictor(tiny_model, tiny_vocab)
+    one = encode_images(tiny_model, prepared[1].tensor[None])
+    q.load_features(one, prepared[1].original_size, prepared[1].input_size)
+    _assert_same(q.predict(box=BOXES[:1]), want[0])
+    sets = [PromptSet(boxes=BOXES[:1].astype(float)),
+            PromptSet(point_coords=np.array([[[30.0, 40.0]]]), point_labels=np.ones((1, 1)))]
+    size = (prepared[1].original_size, prepared[1].input_size)
+    got = predict_images(tiny_model, features, sets, [size, size], vocabulary=tiny_vocab, feature_index=[1, 1])
+    for g, w in zip(got, want):
+        _assert_same(g.numpy(), w)  # the batched trunk rounds differently: ~1e-5
+    with pytest.raises(ValueError, match="2 feature indices for 1 prompt sets"):
+        predict_images(tiny_model, features, sets[:1], [size], vocabulary=tiny_vocab, feature_index=[0, 1])
+
+
 def test_prompt_chunking_is_invisible(tiny_model, tiny_vocab):
     img = make_image(160, 200)
     a = OvsamPredictor(tiny_model, tiny_vocab)
