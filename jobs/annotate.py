@@ -30,14 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobs.args import (UsageError, add_grid_arguments, add_storage_options, check_ovsam_model, float_in,
-                       positive_int, storage_options)
+from jobs.args import (PRECISIONS, UsageError, add_grid_arguments, add_storage_options, check_ovsam_model,
+                       float_in, positive_int, storage_options)
 from pipeline.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
 
-# ovsam.precision.PRECISIONS, spelled out so that building the parser does not import torch (a test checks they agree)
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+PRECISION_CHOICES = PRECISIONS
 
 
 @dataclass(frozen=True)

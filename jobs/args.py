@@ -82,6 +82,22 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+# ovsam.precision.PRECISIONS, spelled out so that building the parser does not import torch (a test checks they agree)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_model_arguments(g: Any, vocabulary_help: str = "the vocabulary") -> None:
+    """``--model --checkpoint --vocabulary --precision``, as ``predict`` and ``serve`` take them."""
+    g.add_argument("--model", default="ovsam-tiny", help="model name or config JSON (see `ovsam models`)")
+    g.add_argument("--checkpoint", default=None, help="project checkpoint file for the model")
+    g.add_argument("--vocabulary", default="coco",
+                   help=f"{vocabulary_help}: built-in (coco, lvis, imagenet21k), a text class list, or a saved "
+                        "vocabulary (default: coco)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="float type the model computes in (default: auto: bf16 where the device computes it "
+                        "natively, else fp32)")
+
+
 def add_grid_arguments(g: Any) -> None:
     """Everything mode's options (a point grid, the stable masks kept), shared by ``annotate --prompts grid`` and
     ``predict --everything`` so both mean and default the same."""

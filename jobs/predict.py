@@ -21,9 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.args import UsageError, add_grid_arguments, check_ovsam_model, positive_int
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from jobs.args import UsageError, add_grid_arguments, add_model_arguments, check_ovsam_model, positive_int
 
 
 def _numbers(text: str, counts: tuple[int, ...], what: str) -> list[float]:
@@ -62,14 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--everything", action="store_true", help="prompt a point grid and keep the stable masks")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="directory for <stem>.json and <stem>.png per image, or - for JSON on stdout")
-    p.add_argument("--model", default="ovsam-tiny", help="model name or config JSON (see `ovsam models`)")
-    p.add_argument("--checkpoint", default=None, help="project checkpoint file for the model")
-    p.add_argument("--vocabulary", default="coco",
-                   help="built-in (coco, lvis, imagenet21k), a text class list, or a saved vocabulary "
-                        "(default: coco)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="float type the model computes in (default: auto: bf16 where the device computes it "
-                        "natively, else fp32)")
+    add_model_arguments(p, "the labels' vocabulary")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels per instance (default: 5)")
     p.add_argument("--max-pixels", type=positive_int, default=64 * 1024 * 1024,
