@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.eval_prompts import EvalPromptsConfig, format_summary, run_eval_prompts
+from tests.browser import ARTEFACTS, console_errors, headless_chrome
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = "red square | base\nblue circle | novel\ngreen triangle | base\n"
@@ -232,8 +233,6 @@ def test_usage_errors_exit_2(coco_set, tmp_path, argv, flag, capsys) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # the HTML report
 
-ARTEFACTS = ROOT / "test-artifacts"
-
 
 def test_report_shows_the_worst_instances_of_the_run(coco_set, local_run, tmp_path) -> None:
     from pipeline.eval_prompts import WORST
@@ -260,38 +259,11 @@ def test_report_shows_the_worst_instances_of_the_run(coco_set, local_run, tmp_pa
     assert "src=\"http" not in text and "<script" not in text  # self-contained
 
 
-def _chromium() -> tuple[str, str]:
-    """Debian's chromium and its driver, installed with apt-get where missing."""
-    import shutil
-
-    if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = [*sudo, "apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-        proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:  # stale or missing package lists: update them once and try again
-            subprocess.run([*sudo, "apt-get", "update", "-q"], capture_output=True, env=env, timeout=900)
-            proc = subprocess.run(install, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:
-            pytest.fail(f"could not install chromium and chromium-driver with apt-get: {proc.stderr[-1000:]}")
-    return shutil.which("chromium"), shutil.which("chromedriver")
-
-
 def test_report_opens_in_a_headless_browser_without_errors(coco_set, local_run, tmp_path) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     from pipeline.eval_report import write_report
 
     page = write_report(local_run, tmp_path / "report", images=str(coco_set["images"]))
-    browser, driver_path = _chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,2400"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chrome()
     try:
         driver.get(page.as_uri())
         loaded = driver.execute_script(
@@ -299,7 +271,7 @@ def test_report_opens_in_a_headless_browser_without_errors(coco_set, local_run, 
         cases = [ok for cls, ok in loaded if cls == "case"]
         assert cases and all(ok for _, ok in loaded), loaded
         assert driver.find_element("tag name", "h1").text.startswith("ovsam eval prompts")
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        errors = console_errors(driver)
         assert not errors, errors
         ARTEFACTS.mkdir(exist_ok=True)
         shot = ARTEFACTS / "eval_prompts_report.png"
