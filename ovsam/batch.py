@@ -52,6 +52,24 @@ def encode_images(model: OvsamModel | SamModel, inputs: torch.Tensor) -> Any:
         return model.encode_image(x)
 
 
+@torch.inference_mode()
+def features_for_prompts(model: OvsamModel | SamModel, features: Any) -> Any:
+    """The part of image features that decoding prompts reads, laid out so that no decoder call has to convert
+    it again: for OV-SAM, the image embedding in the decoder's dtype, the FPN levels and the last CLIP stage as
+    contiguous NCHW maps (RoIAlign reads NCHW, so with channels_last trunks every call would otherwise copy whole
+    maps), and no earlier CLIP stages (only the last is pooled). Prompts decoded on these features give exactly
+    what they give on ``features``; worth it when an image's features serve many separate calls (an interactive
+    session). SAM features are returned as they are."""
+    from .modeling.ovsam import OvsamImageFeatures
+
+    if not isinstance(features, OvsamImageFeatures):
+        return features
+    dtype = model.mask_decoder.label_token.weight.dtype
+    return OvsamImageFeatures(image_embeddings=features.image_embeddings.to(dtype),
+                              clip_feats=[features.clip_feats[-1].contiguous()],
+                              fpn_feats=[f.contiguous() for f in features.fpn_feats])
+
+
 def check_vocabulary(model: OvsamModel | SamModel, vocabulary: Any) -> None:
     if vocabulary is None:
         return

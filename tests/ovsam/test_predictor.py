@@ -93,6 +93,30 @@ def test_cached_features_and_shared_feature_index(tiny_model, tiny_vocab):
         predict_images(tiny_model, features, sets[:1], [size], vocabulary=tiny_vocab, feature_index=[0, 1])
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_features_for_prompts_change_nothing_but_the_layout(precision):
+    """Trimmed, pre-converted features (what a serving cache keeps) decode exactly as the encoder's output."""
+    import torch
+
+    import ovsam
+    from ovsam.batch import encode_images, features_for_prompts, predict_images, prepare_image
+    from ovsam.prompts import PromptSet
+
+    model = ovsam.build_ovsam("ovsam-tiny", precision=precision)
+    vocab = ovsam.Vocabulary.resolve("coco", model, progress=False)
+    prepared = prepare_image(model, make_image(120, 160, 5))
+    raw = encode_images(model, prepared.tensor[None])
+    kept = features_for_prompts(model, raw)
+    assert len(kept.clip_feats) == 1 and all(f.is_contiguous() for f in [*kept.fpn_feats, *kept.clip_feats])
+    sets = [PromptSet(boxes=BOXES.astype(float)),
+            PromptSet(point_coords=np.array([[[30.0, 40.0], [90.0, 60.0]]]), point_labels=np.array([[1, 0]]))]
+    size = [(prepared.original_size, prepared.input_size)] * 2
+    for a, b in zip(predict_images(model, raw, sets, size, vocabulary=vocab, feature_index=[0, 0]),
+                    predict_images(model, kept, sets, size, vocabulary=vocab, feature_index=[0, 0])):
+        for name in ("masks", "low_res_logits", "iou_scores", "label_scores", "clip_embeddings"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+
+
 def test_prompt_chunking_is_invisible(tiny_model, tiny_vocab):
     img = make_image(160, 200)
     a = OvsamPredictor(tiny_model, tiny_vocab)
