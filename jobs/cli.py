@@ -10,6 +10,7 @@
     ovsam pack coco --annotations instances_train2017.json --images train2017/ --output packed/coco
     ovsam eval coco --gt instances_val2017.json --pred out/  # mask and box AP of annotations: all/base/novel
     ovsam eval compare out_fp32/ out_bf16/               # how far two runs of the same input agree
+    ovsam serve --model ovsam-tiny --port 8000              # the browser page, the HTTP API, Label Studio
     ovsam demo --output demo_out                         # same as `python -m jobs.demo`
 
 Each subcommand is one function; heavy imports (torch, the model library) happen inside it, so ``ovsam --help``
@@ -101,6 +102,13 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Segment and name objects in a few images, in this process (``jobs.predict``)."""
     from jobs.predict import run
+
+    return run(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve segment-and-name over HTTP on Ray Serve (``jobs.serve``)."""
+    from jobs.serve import run
 
     return run(args)
 
@@ -277,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_arguments(prd)
     prd.set_defaults(func=cmd_predict)
+
+    from jobs import serve
+
+    srv = sub.add_parser("serve", help="segment and name interactively over HTTP (Ray Serve; browser page, "
+                                       "Label Studio backend)",
+                         description=serve.__doc__.split("\n\n")[0], epilog=serve.__doc__.split("\n\n", 1)[1],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
 
     from jobs import pack
 

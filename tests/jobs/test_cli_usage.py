@@ -106,6 +106,13 @@ def test_invalid_annotate_writes_nothing_and_the_corrected_run_proceeds(tmp_path
     (["pack", "synthetic", "--kind", "box", "--num-train", "1", "--num-heldout", "1", "--output", "y",
       "--storage-options", "{bad"], "--storage-options"),
     (["annotate", "--input", "x", "--output", "y", "--no-such-flag"], "--no-such-flag"),
+    (["serve", "--token-env", "OVSAM_TEST_UNSET_TOKEN"], "--token-env OVSAM_TEST_UNSET_TOKEN"),
+    (["serve", "--label-studio-key-env", "OVSAM_TEST_UNSET_KEY"], "--label-studio-key-env"),
+    (["serve", "--model", "no-such-model"], "no-such-model"),
+    (["serve", "--replicas", "0"], "--replicas"),
+    (["serve", "--cache-ttl", "0"], "--cache-ttl"),
+    (["serve", "--precision", "int8"], "--precision"),
+    (["serve", "--allow-url-prefix", " "], "--allow-url-prefix"),
 ])
 def test_other_invalid_values_exit_2(tmp_path, capsys, monkeypatch, argv, names):
     monkeypatch.chdir(tmp_path)
