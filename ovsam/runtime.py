@@ -5,7 +5,8 @@ PyTorch allocates CPU tensors with the C library's ``malloc``. glibc serves bloc
 and MLP hiddens are 40-170 MB) is page-faulted in again on every call. On a 2-core machine that kernel time was
 a third of the SAM2CLIP neck's wall time. :func:`keep_freed_memory` makes malloc take large blocks from its heap
 and keep freed memory for reuse; a process that runs the model repeatedly then holds its peak working set
-instead of returning it to the system between calls.
+instead of returning it to the system between calls. :func:`release_freed_memory` does the opposite, once: it
+hands the heap's free memory back to the system (a server that evicts cached features calls it after evicting).
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _ENV = "OVSAM_KEEP_FREED_MEMORY"
 _applied: bool | None = None
+_libc_handle: ctypes.CDLL | None | bool = None
+
+
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None off Linux or where the C library is not glibc (musl has no mallopt or malloc_trim)."""
+    global _libc_handle
+    if _libc_handle is None:
+        _libc_handle = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                lib.mallopt.restype = ctypes.c_int
+                lib.malloc_trim.argtypes = [ctypes.c_size_t]
+                lib.malloc_trim.restype = ctypes.c_int
+                _libc_handle = lib
+            except (OSError, AttributeError):
+                pass
+    return _libc_handle or None
 
 
 def keep_freed_memory() -> bool:
@@ -37,16 +57,10 @@ def keep_freed_memory() -> bool:
     _applied = False
     if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     if not ok:
         logger.debug("mallopt refused the settings; the allocator is left as it was")
     _applied = ok
@@ -58,4 +72,13 @@ def freed_memory_kept() -> bool:
     return bool(_applied)
 
 
-__all__ = ["freed_memory_kept", "keep_freed_memory"]
+def release_freed_memory() -> None:
+    """Give the memory free in malloc's heap back to the system now (glibc's ``malloc_trim``; elsewhere a no-op).
+    Blocks of a few MB freed and allocated in turn otherwise stay in the heap, and a long-running process that
+    keeps a bounded cache of them creeps above its bound."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+__all__ = ["freed_memory_kept", "keep_freed_memory", "release_freed_memory"]

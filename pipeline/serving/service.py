@@ -23,6 +23,7 @@ from ovsam.automatic import OvsamMaskGenerator
 from ovsam.batch import encode_images, features_for_prompts, predict_images, prepare_image
 from ovsam.prompts import validate_prompts
 from ovsam.rle import encode_rle_torch
+from ovsam.runtime import release_freed_memory
 from ovsam.vocabulary import Vocabulary
 
 from ..decode import ImageDecodeError, decode_image
@@ -32,26 +33,6 @@ from .requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
 
 DEFAULT_VOCABULARY = "default"
 PREVIOUS_PER_IMAGE = 32
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by evicted features back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
-    Features of a few MB each are freed and allocated in turn; without this, freed chunks stay in the heap, and
-    a long-running replica's memory creeps above its cache bound."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def new_id() -> str:
