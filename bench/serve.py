@@ -127,7 +127,7 @@ def start_server(args: argparse.Namespace) -> str:
     import ray
 
     from jobs.serve import start
-    from pipeline.serving.app import ServeSettings
+    from pipeline.serving.settings import ServeSettings
 
     port = _free_port()
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)

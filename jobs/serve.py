@@ -22,34 +22,37 @@ from jobs.args import (UsageError, add_model_arguments, add_storage_options, che
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.serving.settings import ServeSettings
+
+    d = ServeSettings()  # the defaults, shared with the application builder
     m = p.add_argument_group("model")
     add_model_arguments(m, "the default vocabulary")
     s = p.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int_at_least(0), default=8000, help="port (default: 8000)")
-    s.add_argument("--replicas", type=positive_int, default=1, help="model replicas (default: 1)")
+    s.add_argument("--replicas", type=positive_int, default=d.replicas, help=f"model replicas (default: {d.replicas})")
     s.add_argument("--num-gpus-per-replica", type=float_in(0.0), default=None,
                    help="GPUs per model replica (default: 1 where the cluster has GPUs, else 0: CPU)")
     s.add_argument("--cpus-per-replica", type=float_in(0.0, low_open=True), default=None,
                    help="CPUs per model replica (default: 1 with GPUs, else the node's CPUs shared among replicas)")
-    s.add_argument("--max-batch-size", type=positive_int, default=16,
-                   help="concurrent clicks decoded together in one call (default: 16)")
-    s.add_argument("--batch-wait-ms", type=float_in(0.0), default=2.0,
-                   help="how long a click waits for others to batch with (default: 2)")
+    s.add_argument("--max-batch-size", type=positive_int, default=d.max_batch_size,
+                   help=f"concurrent clicks decoded together in one call (default: {d.max_batch_size})")
+    s.add_argument("--batch-wait-ms", type=float_in(0.0), default=d.batch_wait_ms,
+                   help=f"how long a click waits for others to batch with (default: {d.batch_wait_ms:g})")
     s.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
     c = p.add_argument_group("cache and limits")
-    c.add_argument("--cache-bytes", type=positive_int, default=4 * 1024 ** 3,
-                   help="image features each replica keeps, in bytes (default: 4 GiB)")
-    c.add_argument("--cache-ttl", type=float_in(0.0, low_open=True), default=1800.0,
-                   help="seconds an unused image is kept (default: 1800)")
-    c.add_argument("--image-store-bytes", type=positive_int, default=2 * 1024 ** 3,
-                   help="uploaded image bytes kept to re-embed on another replica (default: 2 GiB)")
-    c.add_argument("--max-body-bytes", type=positive_int, default=32 * 1024 ** 2,
-                   help="largest request body (default: 32 MiB)")
-    c.add_argument("--max-pixels", type=positive_int, default=64 * 1024 ** 2,
-                   help="larger images are refused, against decompression bombs (default: 67108864)")
-    c.add_argument("--request-timeout", type=float_in(0.0, low_open=True), default=60.0,
-                   help="seconds before a request is answered 504 (default: 60)")
+    c.add_argument("--cache-bytes", type=positive_int, default=d.cache_bytes,
+                   help=f"image features each replica keeps, in bytes (default: {d.cache_bytes})")
+    c.add_argument("--cache-ttl", type=float_in(0.0, low_open=True), default=d.cache_ttl,
+                   help=f"seconds an unused image is kept (default: {d.cache_ttl:g})")
+    c.add_argument("--image-store-bytes", type=positive_int, default=d.image_store_bytes,
+                   help=f"uploaded image bytes kept to re-embed on another replica (default: {d.image_store_bytes})")
+    c.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
+                   help=f"largest request body (default: {d.max_body_bytes})")
+    c.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
+                   help=f"larger images are refused, against decompression bombs (default: {d.max_pixels})")
+    c.add_argument("--request-timeout", type=float_in(0.0, low_open=True), default=d.request_timeout,
+                   help=f"seconds before a request is answered 504 (default: {d.request_timeout:g})")
     a = p.add_argument_group("access")
     a.add_argument("--allow-url-prefix", action="append", default=[], metavar="PREFIX",
                    help="images may be given as URLs under this prefix (repeatable; e.g. s3://bucket/images/; "
@@ -65,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The checked :class:`~pipeline.serving.app.ServeSettings` (a :class:`UsageError` names the flag)."""
+    """The checked :class:`~pipeline.serving.settings.ServeSettings` (a :class:`UsageError` names the flag)."""
     check_ovsam_model(args.model, args.checkpoint)
     for flag, name in (("--token-env", args.token_env), ("--label-studio-key-env", args.label_studio_key_env)):
         if name is not None and not os.environ.get(name):
@@ -73,7 +76,7 @@ def settings_from_args(args: argparse.Namespace):
     for prefix in args.allow_url_prefix:
         if not prefix.strip():
             raise UsageError("--allow-url-prefix: empty prefix")
-    from pipeline.serving.app import ServeSettings
+    from pipeline.serving.settings import ServeSettings
 
     return ServeSettings(
         model=args.model, checkpoint=args.checkpoint, vocabulary=args.vocabulary, precision=args.precision,

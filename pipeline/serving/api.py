@@ -16,7 +16,7 @@ import hmac
 import logging
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,32 +32,12 @@ from .inputs import check_url, parse_json, read_body, read_url
 from .requests import (ApiError, EverythingParams, SegmentParams, VocabularySpec, parse_everything, parse_segment,
                        parse_url, parse_vocabulary)
 from .service import DEFAULT_VOCABULARY, SegmentCall, SegmentService, new_id, vocabulary_id
+from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")
 ISSUED_IDS_KEPT = 200_000
 BUILTINS = ["coco", "lvis", "imagenet21k"]
-
-
-@dataclass
-class ApiSettings:
-    """The app's limits and access rules (the model's settings live in :class:`.app.ServeSettings`)."""
-
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 64 * 1024 * 1024
-    request_timeout_s: float = 60.0
-    image_store_bytes: int = 2 * 1024 * 1024 * 1024
-    cache_ttl_s: float = 1800.0
-    allow_url_prefixes: list[str] = field(default_factory=list)
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    token: str | None = None
-    cors_origins: list[str] = field(default_factory=list)
-    label_studio_url: str | None = None
-    label_studio_key: str | None = None
-    model_name: str = ""
-    precision: str = ""
-    default_vocabulary: str = ""
-    replicas: int = 1
 
 
 class Backend(Protocol):
@@ -92,16 +72,12 @@ class LocalBackend:
     def store(self, data: bytes) -> Any:
         return data
 
-    def _ensure_vocabulary(self, vocab_id: str | None, spec: VocabularySpec | None) -> None:
-        if vocab_id and spec is not None and vocab_id not in self.service.vocabularies:
-            self.service.add_vocabulary(vocab_id, spec)
-
     async def embed(self, image_id: str, data: Any) -> dict[str, int]:
         return await self._run(self.service.embed, image_id, data)
 
     async def segment(self, image_id, data, params, vocabulary):
         def run():
-            self._ensure_vocabulary(params.vocabulary, vocabulary)
+            self.service.ensure_vocabulary(params.vocabulary, vocabulary)
             out = self.service.segment([SegmentCall(image_id, params, lambda: data)])[0]
             if isinstance(out, ApiError):
                 raise out
@@ -110,7 +86,7 @@ class LocalBackend:
 
     async def everything(self, image_id, data, params, vocabulary):
         def run():
-            self._ensure_vocabulary(params.vocabulary, vocabulary)
+            self.service.ensure_vocabulary(params.vocabulary, vocabulary)
             return self.service.everything(image_id, params, lambda: data)
         return await self._run(run)
 
@@ -156,25 +132,29 @@ class ImageStore:
                        "image_id")
 
 
-def make_app(backend: Backend, settings: ApiSettings) -> FastAPI:
-    """The FastAPI app: the routes of ``docs/serving.md`` over ``backend``."""
+def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = None,
+             label_studio_key: str | None = None, precision: str | None = None) -> FastAPI:
+    """The FastAPI app: the routes of ``docs/serving.md`` over ``backend``, with the limits and access rules of
+    ``settings``. ``token`` and ``label_studio_key`` are the secrets ``settings`` names by environment variable,
+    read where the app runs; ``precision`` the one the replicas resolved (default: ``settings.precision``)."""
     app = FastAPI(title="ovsam serve", version="1",
                   description="Segment and name objects interactively with Open-Vocabulary SAM.")
-    store = ImageStore(settings.image_store_bytes, settings.cache_ttl_s)
+    store = ImageStore(settings.image_store_bytes, settings.cache_ttl)
+    version = f"ovsam-{settings.model}-{precision or settings.precision}"
     vocab_specs: dict[str, VocabularySpec] = {}
     counters: Counter = Counter()
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+    if settings.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin, allow_methods=["*"],
                            allow_headers=["*"])
     open_paths = {"/", "/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico"}
 
     def authorised(request: Request) -> bool:
-        if settings.token is None:
+        if token is None:
             return True
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer":
-            return hmac.compare_digest(value.strip().encode(), settings.token.encode())
+            return hmac.compare_digest(value.strip().encode(), token.encode())
         if scheme.lower() == "basic":  # Label Studio's ML backend connection sends basic auth: the token as password
             import base64
             import binascii
@@ -183,7 +163,7 @@ def make_app(backend: Backend, settings: ApiSettings) -> FastAPI:
                 _, _, password = base64.b64decode(value.strip()).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 return False
-            return hmac.compare_digest(password.encode(), settings.token.encode())
+            return hmac.compare_digest(password.encode(), token.encode())
         return False
 
     @app.middleware("http")
@@ -191,16 +171,16 @@ def make_app(backend: Backend, settings: ApiSettings) -> FastAPI:
         path = request.url.path
         route = path if not path.startswith("/v1/images/") else "/v1/images/{id}/" + path.rsplit("/", 1)[-1]
         counters[("requests", request.method, route)] += 1
-        if settings.token is not None and path not in open_paths and not path.startswith("/static/") \
+        if token is not None and path not in open_paths and not path.startswith("/static/") \
                 and request.method != "OPTIONS" and not authorised(request):
             counters[("errors", request.method, route, 401)] += 1
             return _error(ApiError(401, "unauthorized", "missing or wrong token: send Authorization: Bearer <token>",
                                    "Authorization"))
         try:
-            response = await asyncio.wait_for(call_next(request), settings.request_timeout_s)
+            response = await asyncio.wait_for(call_next(request), settings.request_timeout)
         except asyncio.TimeoutError:
             response = _error(ApiError(504, "timeout", f"the request took longer than "
-                                       f"{settings.request_timeout_s:g} s"))
+                                       f"{settings.request_timeout:g} s"))
         if response.status_code >= 400:
             counters[("errors", request.method, route, response.status_code)] += 1
         return response
@@ -247,7 +227,7 @@ def make_app(backend: Backend, settings: ApiSettings) -> FastAPI:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
             body = parse_json(await read_body(request, 64 * 1024))
-            url = check_url(parse_url(body), settings.allow_url_prefixes)
+            url = check_url(parse_url(body), settings.allow_url_prefix)
             return await add_image(await fetch_url(url))
         if kind == "multipart/form-data":
             await read_body(request, settings.max_body_bytes)  # enforce the limit before parsing the form
@@ -307,14 +287,14 @@ def make_app(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.get("/v1/vocabularies", summary="The vocabularies created so far")
     async def list_vocabularies():
-        rows = [{"vocabulary_id": DEFAULT_VOCABULARY, "spec": settings.default_vocabulary}]
+        rows = [{"vocabulary_id": DEFAULT_VOCABULARY, "spec": settings.vocabulary}]
         rows += [{"vocabulary_id": k, "size": len(v.names) if v.names else None, "builtin": v.builtin}
                  for k, v in vocab_specs.items()]
         return {"vocabularies": rows}
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": settings.model_name, "precision": settings.precision,
+        return {"status": "ok", "model": settings.model, "precision": precision or settings.precision,
                 "replicas": settings.replicas}
 
     async def all_stats() -> dict[str, Any]:
@@ -330,7 +310,8 @@ def make_app(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def metrics():
         return _prometheus(await all_stats(), counters)
 
-    LS.add_routes(app, LS.AppContext(settings, backend, store, vocab_specs, add_image, fetch_url))
+    LS.add_routes(app, LS.AppContext(settings, label_studio_key, version, backend, store, vocab_specs, add_image,
+                                     fetch_url))
     return app
 
 
@@ -379,12 +360,4 @@ def _prometheus(stats: dict[str, Any], counters: Counter) -> str:
     return "\n".join(lines) + "\n"
 
 
-def settings_dict(settings: ApiSettings) -> dict[str, Any]:
-    """``settings`` without the secrets (for logs and health)."""
-    out = asdict(settings)
-    out["token"] = None if settings.token is None else "***"
-    out["label_studio_key"] = None if settings.label_studio_key is None else "***"
-    return out
-
-
-__all__ = ["ApiSettings", "Backend", "ImageStore", "LocalBackend", "make_app", "settings_dict"]
+__all__ = ["Backend", "ImageStore", "LocalBackend", "make_app"]

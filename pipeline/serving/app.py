@@ -18,78 +18,18 @@ import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray import serve
 
-from .api import ApiSettings, make_app
+from .api import make_app
 from .requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
 from .service import SegmentCall
+from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 ROUTED_IMAGES_PER_REPLICA = 100_000
-
-
-@dataclass
-class ServeSettings:
-    """Everything ``ovsam serve`` takes (the builder's ``args``; see ``ovsam serve --help``)."""
-
-    model: str = "ovsam-tiny"
-    checkpoint: str | None = None
-    vocabulary: str = "coco"
-    precision: str = "auto"
-    replicas: int = 1
-    num_gpus_per_replica: float | None = None
-    cpus_per_replica: float | None = None
-    max_batch_size: int = 16
-    batch_wait_ms: float = 2.0
-    cache_bytes: int = 4 * 1024 ** 3
-    cache_ttl: float = 1800.0
-    image_store_bytes: int = 2 * 1024 ** 3
-    max_body_bytes: int = 32 * 1024 ** 2
-    max_pixels: int = 64 * 1024 ** 2
-    request_timeout: float = 60.0
-    allow_url_prefix: list[str] = field(default_factory=list)
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    token_env: str | None = None
-    cors_origin: list[str] = field(default_factory=list)
-    label_studio_url: str | None = None
-    label_studio_key_env: str | None = None
-    warm_up: bool = True
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "ServeSettings":
-        """From the builder's ``args``: ``serve run`` passes every value as a string; lists may be comma-separated
-        strings, ``storage_options`` a JSON string."""
-        import json
-
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        out: dict[str, Any] = {}
-        for key, value in args.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise ValueError(f"unknown setting {key!r}; known: {', '.join(fields)}")
-            kind = str(fields[name].type)
-            if isinstance(value, str):
-                if kind.startswith("list"):
-                    value = [v for v in value.split(",") if v]
-                elif kind.startswith("dict"):
-                    value = json.loads(value)
-                elif kind.startswith("bool"):
-                    value = value.lower() in ("1", "true", "yes", "on")
-                elif kind.startswith("int"):
-                    value = int(value)
-                elif kind.startswith("float"):
-                    value = None if value.lower() in ("", "none", "auto") else float(value)
-                elif value.lower() == "none" and "None" in kind:
-                    value = None
-            out[name] = value
-        return cls(**out)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _env_secret(name: str | None, flag: str) -> str | None:
@@ -185,9 +125,8 @@ class OvsamModelDeployment:
         return lambda: ray.get(data_box[0]) if isinstance(data_box[0], ray.ObjectRef) else data_box[0]
 
     async def _vocabulary(self, params: Any, spec: VocabularySpec | None) -> None:
-        vid = params.vocabulary
-        if vid and spec is not None and vid not in self.service.vocabularies:
-            await self._run(self.service.add_vocabulary, vid, spec)
+        if params.vocabulary and spec is not None and params.vocabulary not in self.service.vocabularies:
+            await self._run(self.service.ensure_vocabulary, params.vocabulary, spec)
 
     async def embed(self, image_id: str, data_box: list) -> Any:
         await self._note_route()
@@ -305,18 +244,15 @@ class Ingress:
         from ovsam.precision import resolve_precision
 
         s = ServeSettings(**settings)
+        self.settings = s
         self.backend = RayBackend(model_handle, s.replicas)
-        self.api_settings = ApiSettings(
-            max_body_bytes=s.max_body_bytes, max_pixels=s.max_pixels, request_timeout_s=s.request_timeout,
-            image_store_bytes=s.image_store_bytes, cache_ttl_s=s.cache_ttl, allow_url_prefixes=s.allow_url_prefix,
-            storage_options=s.storage_options, token=_env_secret(s.token_env, "--token-env"),
-            cors_origins=s.cors_origin, label_studio_url=s.label_studio_url,
-            label_studio_key=_env_secret(s.label_studio_key_env, "--label-studio-key-env"), model_name=s.model,
-            precision=resolve_precision(s.precision, "cuda" if (s.num_gpus_per_replica or 0) > 0 else "cpu"),
-            default_vocabulary=s.vocabulary, replicas=s.replicas)
+        self.token = _env_secret(s.token_env, "--token-env")
+        self.label_studio_key = _env_secret(s.label_studio_key_env, "--label-studio-key-env")
+        self.precision = resolve_precision(s.precision, "cuda" if (s.num_gpus_per_replica or 0) > 0 else "cpu")
 
     def __serve_build_asgi_app__(self):
-        return make_app(self.backend, self.api_settings)
+        return make_app(self.backend, self.settings, token=self.token, label_studio_key=self.label_studio_key,
+                        precision=self.precision)
 
 
 def build_app(args: dict[str, Any] | ServeSettings) -> Any:

@@ -165,16 +165,14 @@ def setup_response(model_version: str) -> dict[str, Any]:
 class AppContext:
     """What the Label Studio routes share with the rest of the app (:func:`.api.make_app`)."""
 
-    settings: Any
+    settings: Any  # ServeSettings
+    label_studio_key: str | None
+    model_version: str
     backend: Any
     store: Any
     vocab_specs: dict[str, VocabularySpec]
     add_image: Callable[[bytes], Awaitable[dict[str, Any]]]
     fetch_url: Callable[..., Awaitable[bytes]]
-
-
-def model_version(settings: Any) -> str:
-    return f"ovsam-{settings.model_name}-{settings.precision}" if settings.model_name else "ovsam"
 
 
 def _decode_rle(rle: dict[str, Any]) -> np.ndarray:
@@ -195,7 +193,7 @@ def add_routes(app: Any, ctx: AppContext) -> None:
 
     @app.get("/health")
     async def ls_health():
-        return health_response(model_version(settings))
+        return health_response(ctx.model_version)
 
     @app.post("/setup")
     async def ls_setup(request: Request):
@@ -208,7 +206,7 @@ def add_routes(app: Any, ctx: AppContext) -> None:
                 ls_configs[str(body.get("project"))] = parse_label_config(schema)
             except ValueError as e:
                 raise ApiError(422, "invalid_field", str(e), "schema") from None
-        return setup_response(model_version(settings))
+        return setup_response(ctx.model_version)
 
     @app.post("/webhook")
     async def ls_webhook(request: Request):
@@ -220,7 +218,7 @@ def add_routes(app: Any, ctx: AppContext) -> None:
         body = parse_json(await read_body(request, settings.max_body_bytes))
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
-        version = model_version(settings)
+        version = ctx.model_version
         config_text = body.get("label_config")
         try:
             config = parse_label_config(config_text) if isinstance(config_text, str) else \
@@ -252,10 +250,10 @@ def add_routes(app: Any, ctx: AppContext) -> None:
         if entry is None:
             headers = None
             if settings.label_studio_url and url.startswith(settings.label_studio_url.rstrip("/") + "/"):
-                headers = {"Authorization": f"Token {settings.label_studio_key}"} if settings.label_studio_key \
+                headers = {"Authorization": f"Token {ctx.label_studio_key}"} if ctx.label_studio_key \
                     else None
             else:
-                url = check_url(url, settings.allow_url_prefixes)
+                url = check_url(url, settings.allow_url_prefix)
             info = await add_image(await fetch_url(url, headers))
             image_id = info["image_id"]
             ls_images[url] = image_id

@@ -35,11 +35,6 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "field": self.field, "message": self.message}}
 
-    @classmethod
-    def from_body(cls, status: int, body: dict[str, Any]) -> "ApiError":
-        err = body["error"]
-        return cls(status, err["code"], err["message"], err.get("field"))
-
 
 def invalid(field_name: str, message: str) -> ApiError:
     return ApiError(422, "invalid_field", message, field_name)

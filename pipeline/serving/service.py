@@ -56,9 +56,13 @@ class ImageState:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     previous: OrderedDict = field(default_factory=OrderedDict)
+    feature_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.feature_bytes = nbytes(self.features)  # counted once: every answer re-sizes the cache entry
 
     def size(self) -> int:
-        return nbytes(self.features) + sum(nbytes(v) for v in self.previous.values())
+        return self.feature_bytes + sum(nbytes(v) for v in self.previous.values())
 
 
 @dataclass
@@ -128,6 +132,12 @@ class SegmentService:
             raise ApiError(404, "vocabulary_not_found", f"unknown vocabulary {vocab_id!r}; create it with "
                            "POST /v1/vocabularies", "vocabulary")
         return vocab
+
+    def ensure_vocabulary(self, vocab_id: str | None, spec: VocabularySpec | None) -> None:
+        """Build ``vocab_id`` from ``spec`` if this service has not yet (a replica that did not see its
+        ``POST /v1/vocabularies``)."""
+        if vocab_id and spec is not None and vocab_id not in self.vocabularies:
+            self.add_vocabulary(vocab_id, spec)
 
     def add_vocabulary(self, vocab_id: str, spec: VocabularySpec) -> dict[str, Any]:
         """Embed the class names once (a no-op if ``vocab_id`` is known)."""

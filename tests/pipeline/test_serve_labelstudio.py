@@ -113,7 +113,7 @@ def test_brush_rle_decodes_with_label_studios_decoder(name, mask):
 
 def test_the_builders_string_arguments_become_typed_settings():
     """``serve run pipeline.serving.app:build_app key=value`` passes strings; config files may pass typed values."""
-    from pipeline.serving.app import ServeSettings
+    from pipeline.serving.settings import ServeSettings
 
     s = ServeSettings.from_args({"model": "ovsam-tiny", "replicas": "2", "num-gpus-per-replica": "auto",
                                  "cache_bytes": "1000", "cache_ttl": "2.5", "allow_url_prefix": "s3://a/,s3://b/",

@@ -1,0 +1,72 @@
+"""The settings of ``ovsam serve``: the command's options, the application builder's ``args`` (``serve run
+pipeline.serving.app:build_app key=value``, ``serve deploy`` config files) and what the app and the model
+replicas are built from. Plain Python: the command reads its defaults without importing Ray or FastAPI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ServeSettings:
+    """Everything ``ovsam serve`` takes (the builder's ``args``; see ``ovsam serve --help``)."""
+
+    model: str = "ovsam-tiny"
+    checkpoint: str | None = None
+    vocabulary: str = "coco"
+    precision: str = "auto"
+    replicas: int = 1
+    num_gpus_per_replica: float | None = None
+    cpus_per_replica: float | None = None
+    max_batch_size: int = 16
+    batch_wait_ms: float = 2.0
+    cache_bytes: int = 4 * 1024 ** 3
+    cache_ttl: float = 1800.0
+    image_store_bytes: int = 2 * 1024 ** 3
+    max_body_bytes: int = 32 * 1024 ** 2
+    max_pixels: int = 64 * 1024 ** 2
+    request_timeout: float = 60.0
+    allow_url_prefix: list[str] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    token_env: str | None = None
+    cors_origin: list[str] = field(default_factory=list)
+    label_studio_url: str | None = None
+    label_studio_key_env: str | None = None
+    warm_up: bool = True
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServeSettings":
+        """From the builder's ``args``: ``serve run`` passes every value as a string; lists may be comma-separated
+        strings, ``storage_options`` a JSON string."""
+        import json
+
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for key, value in args.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ValueError(f"unknown setting {key!r}; known: {', '.join(fields)}")
+            kind = str(fields[name].type)
+            if isinstance(value, str):
+                if kind.startswith("list"):
+                    value = [v for v in value.split(",") if v]
+                elif kind.startswith("dict"):
+                    value = json.loads(value)
+                elif kind.startswith("bool"):
+                    value = value.lower() in ("1", "true", "yes", "on")
+                elif kind.startswith("int"):
+                    value = int(value)
+                elif kind.startswith("float"):
+                    value = None if value.lower() in ("", "none", "auto") else float(value)
+                elif value.lower() == "none" and "None" in kind:
+                    value = None
+            out[name] = value
+        return cls(**out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+__all__ = ["ServeSettings"]
