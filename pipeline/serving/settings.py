@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeSettings:
     """Everything ``ovsam serve`` takes (the builder's ``args``; see ``ovsam serve --help``)."""
 
