@@ -39,7 +39,7 @@ DEMO_MODEL = Path("demo_out/model/ovsam-tiny-synthetic.safetensors")
 
 def heldout_scenes(url: str, limit: int | None) -> tuple[list, list[str]]:
     """``[(image, boxes [N, 4], labels [N])]`` of a packed shard set, and its class names."""
-    from pipeline.train_data import decode_raw, open_shard_set, raw_samples
+    from pipeline.training.train_data import decode_raw, open_shard_set, raw_samples
 
     shard_set = open_shard_set(url)
     if shard_set.classes is None:

@@ -38,8 +38,8 @@ def heldout_scenes(demo: Path, limit: int | None) -> list[tuple[np.ndarray, list
     """(image, visible masks, class names) of the demo's held-out scenes."""
     from pycocotools import mask as mask_utils
 
-    from pipeline.decode import decode_sample
-    from pipeline.sources import expand_shards, open_shard
+    from pipeline.inputs.decode import decode_sample
+    from pipeline.inputs.sources import expand_shards, open_shard
 
     root = demo / "model" / "data" / "synthetic" / "heldout"
     classes = json.loads((root / "classes.json").read_text())["classes"]

@@ -12,7 +12,7 @@ What it does, in order:
    3-10 sidecar boxes each (``bench/corpus.py``) into a temporary directory (or ``--workdir``);
 2. **decode**: decodes every sample in this process, one thread, with the job's own ``decode_sample`` (timed,
    for reference only);
-3. **model-only**: builds ``pipeline.stages.Annotator`` in this process, sets ``torch.set_num_threads(T)`` with
+3. **model-only**: builds ``pipeline.annotate.stages.Annotator`` in this process, sets ``torch.set_num_threads(T)`` with
    T = the job worker's CPUs, and times ``annotator(batch)`` over the pre-decoded images in batches of
    ``--batch-size`` (each shard batched separately, as the worker does) after ``--warmup-batches`` untimed
    batches. This is the model stage alone: backbone, prompts, mask decoding, labels, RLE and row building;
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def measure_decode(shard_paths: list[str], require_prompts: bool) -> tuple[dict[str, list[Any]], dict[str, Any]]:
     """Decode every sample in this thread. Returns ``{shard path: [SampleInput, ...]}`` and the timing."""
-    from pipeline.decode import decode_sample
-    from pipeline.sources import iter_samples
-    from pipeline.worker import to_stage_input
+    from pipeline.inputs.decode import decode_sample
+    from pipeline.inputs.sources import iter_samples
+    from pipeline.annotate.worker import to_stage_input
 
     decoded: dict[str, list[Any]] = {}
     seconds = 0.0
@@ -235,7 +235,7 @@ def measure_job(cfg: Any, workers: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.corpus import parse_sizes, write_corpus
-    from pipeline.stages import ModelStageConfig
+    from pipeline.annotate.stages import ModelStageConfig
 
     for name in ("shards", "images_per_shard", "batch_size", "workers"):
         if getattr(args, name) < 1:
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  precision=args.precision)
         decoded, decode = measure_decode(list(corpus.shard_paths), require_prompts=args.prompts == "sidecar")
         print(f"[bench] decode (1 thread): {decode['images_per_s']:.1f} images/s", flush=True)
-        from pipeline.stages import Annotator
+        from pipeline.annotate.stages import Annotator
 
         t = time.perf_counter()
         annotator = Annotator(stage)

@@ -32,7 +32,7 @@ from typing import Any
 
 from jobs.args import (PRECISIONS, UsageError, add_grid_arguments, add_storage_options, check_ovsam_model,
                        float_in, positive_int, storage_options)
-from pipeline.stages import ModelStageConfig
+from pipeline.annotate.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def estimate_work(shards: list[Any], storage_options: dict[str, Any]) -> tuple[i
 
     import fsspec
 
-    from pipeline.sources import read_expected_count
+    from pipeline.inputs.sources import read_expected_count
 
     def one(shard: Any) -> tuple[int, int | None]:
         if shard.members:  # a virtual shard of image files: its listing has the sizes and the count
@@ -294,7 +294,7 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
     """Every check that needs no Ray and writes nothing, run on the driver before anything starts: numeric ranges,
     the prompt mode, the detector (built once from its weights), the model name, the checkpoint file and the
     output location. Raises :class:`jobs.args.UsageError` (exit 2) naming the option."""
-    from pipeline.proposals import TorchvisionDetector, parse_prompt_mode
+    from pipeline.annotate.proposals import TorchvisionDetector, parse_prompt_mode
 
     st = cfg.stage
     for flag, value, minimum in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 1),
@@ -339,10 +339,10 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     import fsspec
 
     import ovsam
-    from pipeline.ledger import Ledger, config_hash, write_run_json
-    from pipeline.run import plan_cluster, run_shards
-    from pipeline.sources import expand_shards
-    from pipeline.worker import WorkerConfig
+    from pipeline.annotate.ledger import Ledger, config_hash, write_run_json
+    from pipeline.annotate.run import plan_cluster, run_shards
+    from pipeline.inputs.sources import expand_shards
+    from pipeline.annotate.worker import WorkerConfig
 
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     validate_config(cfg, fs, root)
@@ -382,7 +382,7 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
         return None
     if not pending:  # a finished rerun: no run.json rewrite, no Ray
         print(f"[annotate] nothing to do: all {len(shards)} shards are committed in {cfg.output}", flush=True)
-        from pipeline.run import RunSummary
+        from pipeline.annotate.run import RunSummary
 
         return RunSummary(shards_total=len(shards), shards_skipped=len(shards))
     public = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}

@@ -143,8 +143,8 @@ def cmd_relabel(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """Render annotated samples as PNG overlays (``pipeline.overlay.write_overlays``)."""
-    from pipeline.overlay import write_overlays
+    """Render annotated samples as PNG overlays (``pipeline.export.overlay.write_overlays``)."""
+    from pipeline.export.overlay import write_overlays
 
     storage = storage_options(args.storage_options)
     if args.n < 1:
@@ -152,7 +152,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     shown: list = []
 
     def collect(path: Path, shard: str, key: str, instances: list[dict]) -> None:
-        from pipeline.report_html import ShownImage
+        from pipeline.export.gallery import ShownImage
 
         shown.append(ShownImage(path, shard, key, [{"label_name": r["label_name"], "label_score": r["label_score"]}
                                                    for r in instances]))
@@ -163,7 +163,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(path)
     print(f"wrote {len(paths)} overlay(s) to {args.output}")
     if args.html:
-        from pipeline.report_html import write_html
+        from pipeline.export.gallery import write_html
 
         page = write_html(shown, Path(args.output) / "index.html", title=f"ovsam annotations of {args.input}")
         print(f"wrote {page}: {len(shown)} images with their labels and scores, filterable")
@@ -177,8 +177,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     import fsspec
 
-    from pipeline.export import export_coco, write_images
-    from pipeline.export_tools import label_studio_tasks, write_yolo_seg
+    from pipeline.export.coco import export_coco, write_images
+    from pipeline.export.tools import label_studio_tasks, write_yolo_seg
 
     fmt = getattr(args, "format", "coco")
     if args.tolerance < 0:

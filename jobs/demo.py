@@ -72,8 +72,8 @@ def train_demo_model(out: Path, steps: int | None, workers: int,
 
     Runs on the Ray instance this process is connected to; prints the held-out metrics before and after."""
     from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train, vocabulary_url
-    from pipeline.pack import pack_synthetic
-    from pipeline.train_specs import DatasetSpec
+    from pipeline.training.packers.synthetic import pack_synthetic
+    from pipeline.training.train_specs import DatasetSpec
 
     recipe = dict(SYNTHETIC_RECIPE)
     if steps is not None:
@@ -119,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from jobs.annotate import AnnotateConfig, run_annotate
-    from pipeline.export import export_coco
-    from pipeline.overlay import write_overlays
-    from pipeline.stages import ModelStageConfig
-    from pipeline.synthetic import CLASS_NAMES, write_shards
+    from pipeline.export.coco import export_coco
+    from pipeline.export.overlay import write_overlays
+    from pipeline.annotate.stages import ModelStageConfig
+    from pipeline.training.synthetic import CLASS_NAMES, write_shards
 
     if args.shards < 1 or args.samples_per_shard < 1:
         raise ValueError("--shards and --samples-per-shard must be at least 1")

@@ -110,7 +110,7 @@ def teacher_config(name: str) -> Any:
 
 def check_teacher_input(student: Any, teacher: Any) -> None:
     """The online teacher sees the student's padded input: sizes and normalisation must agree."""
-    from pipeline.distill_data import InputSpec
+    from pipeline.training.distill_data import InputSpec
 
     s, t = InputSpec.of(student), InputSpec.of(teacher, resize=student.resize)
     diff = s.differences(t)
@@ -125,9 +125,9 @@ def check_teacher_input(student: Any, teacher: Any) -> None:
 
 def plan_distill(cfg: DistillConfig) -> dict:
     """Resolve shards and check the student against the teacher or cache, before any worker starts."""
-    from pipeline.distill_data import InputSpec, check_embeddings_match, embedding_shape
-    from pipeline.sources import expand_shards
-    from pipeline.teacher_cache import cache_shards, file_identity, read_cache_info
+    from pipeline.training.distill_data import InputSpec, check_embeddings_match, embedding_shape
+    from pipeline.inputs.sources import expand_shards
+    from pipeline.training.teacher_cache import cache_shards, file_identity, read_cache_info
 
     if bool(cfg.inputs) == bool(cfg.teacher_cache):
         raise ValueError("give the training images either as --input SHARDS (teacher online) or as "
@@ -262,7 +262,7 @@ class _DumpWorker:
         import torch
 
         from ovsam import build_ovsam
-        from pipeline.distill_data import InputSpec
+        from pipeline.training.distill_data import InputSpec
 
         device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
@@ -270,7 +270,7 @@ class _DumpWorker:
         self.teacher = build_ovsam(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device=device)
 
     def dump(self, shard: Any) -> Any:
-        from pipeline.teacher_cache import dump_shard
+        from pipeline.training.teacher_cache import dump_shard
 
         return dump_shard(self.teacher, self.spec, shard, self.cfg.output, batch_size=self.cfg.batch_size,
                           storage_options=self.cfg.storage_options)
@@ -278,9 +278,9 @@ class _DumpWorker:
 
 def run_dump(cfg: DumpConfig) -> dict:
     """Dump teacher embeddings for every input shard not yet in the cache; returns a summary."""
-    from pipeline.distill_data import InputSpec, embedding_shape
-    from pipeline.sources import expand_shards
-    from pipeline.teacher_cache import CacheInfo, committed, file_identity, open_cache, write_index
+    from pipeline.training.distill_data import InputSpec, embedding_shape
+    from pipeline.inputs.sources import expand_shards
+    from pipeline.training.teacher_cache import CacheInfo, committed, file_identity, open_cache, write_index
 
     start = time.perf_counter()
     teacher = teacher_config(cfg.teacher)

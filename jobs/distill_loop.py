@@ -115,7 +115,7 @@ def _evaluate(student: Any, teacher: Any, urls: list[str], spec: Any, cached: bo
     import torch
 
     from jobs.trainer import all_reduce_mean
-    from pipeline.distill_data import batched, iter_once
+    from pipeline.training.distill_data import batched, iter_once
 
     sse, count = 0.0, 0
     student.eval()
@@ -140,7 +140,7 @@ def train_loop(loop_config: dict) -> None:
     from ovsam import build_ovsam
     from ovsam.checkpoint import export_released, save_checkpoint
     from ovsam.training import build_optimizer, build_scheduler, clip_gradients, set_trainable, train_mode
-    from pipeline.distill_data import DistillStream, InputSpec, batched
+    from pipeline.training.distill_data import DistillStream, InputSpec, batched
 
     cfg: DistillConfig = loop_config["config"]
     plan: dict = loop_config["plan"]

@@ -7,11 +7,11 @@
         --gt instances_val2017.json --images val2017/ --output eval_out/   # the paper's box and point protocol
 
 ``eval coco`` scores an annotation job's output against COCO-format ground truth with pycocotools' ``COCOeval``
-(``pipeline/eval_coco.py`` says how images and categories are matched). It prints a table and with ``--json`` writes
+(``pipeline/evaluation/coco.py`` says how images and categories are matched). It prints a table and with ``--json`` writes
 the whole report. ``eval compare`` pairs the instances of two runs of the same input by image and prompt
-(``pipeline/eval_compare.py``) and reports label agreement, mask IoU and the score shift. ``eval prompts`` runs
+(``pipeline/evaluation/compare.py``) and reports label agreement, mask IoU and the score shift. ``eval prompts`` runs
 the paper's interactive protocol (every ground-truth instance prompted by its box or centre point; mask IoU and
-top-1 accuracy, all / base / novel) on Ray actors, resumable (``pipeline/eval_prompts.py``). Exit codes: 0 success, 1 a failed evaluation (the message says why), 2 a usage error.
+top-1 accuracy, all / base / novel) on Ray actors, resumable (``pipeline/evaluation/prompts.py``). Exit codes: 0 success, 1 a failed evaluation (the message says why), 2 a usage error.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _json_and_storage(parser: argparse.ArgumentParser, func, what: str) -> None:
 
 
 def _iou_types(text: str) -> tuple[str, ...]:
-    from pipeline.eval_coco import IOU_TYPES
+    from pipeline.evaluation.coco import IOU_TYPES
 
     types = tuple(t.strip() for t in text.split(",") if t.strip())
     bad = [t for t in types if t not in IOU_TYPES]
@@ -134,7 +134,7 @@ def _iou_types(text: str) -> tuple[str, ...]:
 def cmd_eval_coco(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.eval_coco import eval_coco, format_report
+    from pipeline.evaluation.coco import eval_coco, format_report
 
     types = _iou_types(args.iou_types)
     storage = storage_options(args.storage_options)
@@ -144,7 +144,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     report = eval_coco(args.pred, args.gt, vocabulary=args.vocabulary, iou_types=types, storage_options=storage)
     print(format_report(report, per_class=args.per_class))
     if args.report:
-        from pipeline.eval_report import write_coco_report
+        from pipeline.evaluation.report import write_coco_report
 
         page = write_coco_report(report, args.report, args.pred, shards=args.shards, storage_options=storage,
                                  title=f"ovsam eval coco: {args.pred} against {args.gt}")
@@ -159,7 +159,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
 def cmd_eval_compare(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.eval_compare import compare_outputs, format_compare
+    from pipeline.evaluation.compare import compare_outputs, format_compare
 
     storage = storage_options(args.storage_options)
     for flag, url in (("A", args.a), ("B", args.b)):
@@ -170,7 +170,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
                              storage_options=storage)
     print(format_compare(report, rows=args.worst))
     if args.report:
-        from pipeline.eval_report import write_compare_report
+        from pipeline.evaluation.report import write_compare_report
 
         page = write_compare_report(report, args.report, shards=args.shards, storage_options=storage,
                                     title=f"ovsam eval compare: {args.a} and {args.b}")
@@ -185,7 +185,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 def cmd_eval_prompts(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.eval_prompts import PROMPTS, EvalPromptsConfig, format_summary, run_eval_prompts
+    from pipeline.evaluation.prompts import PROMPTS, EvalPromptsConfig, format_summary, run_eval_prompts
 
     prompts = tuple(t.strip() for t in args.prompt.split(",") if t.strip())
     if not prompts or any(p not in PROMPTS for p in prompts) or len(set(prompts)) != len(prompts):
@@ -209,7 +209,7 @@ def cmd_eval_prompts(args: argparse.Namespace) -> int:
     summary = run_eval_prompts(cfg, overwrite=args.overwrite)
     print(format_summary(summary))
     if args.report:
-        from pipeline.eval_report import write_report
+        from pipeline.evaluation.report import write_report
 
         page = write_report(summary, args.report, images=args.images, storage_options=storage,
                             title=f"ovsam eval prompts: {args.gt or ', '.join(args.shards)}")

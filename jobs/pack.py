@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _write_options(args: argparse.Namespace, storage: dict[str, Any], dataset: str) -> dict[str, Any]:
-    from pipeline.pack import dataset_prefix
+    from pipeline.training.packers.common import dataset_prefix
 
     if args.samples_per_shard < 0:
         raise ValueError(f"--samples-per-shard must be >= 0, got {args.samples_per_shard}")
@@ -110,28 +110,32 @@ def _write_options(args: argparse.Namespace, storage: dict[str, Any], dataset: s
 
 def run(args: argparse.Namespace) -> int:
     """Plan and write what ``args`` (from :func:`add_arguments`) ask for; print a summary; return 0."""
-    from pipeline import pack
+    from pipeline.training.packers.coco import plan_coco, plan_detection
+    from pipeline.training.packers.folders import plan_folders
+    from pipeline.training.packers.sa1b import plan_sa1b
+    from pipeline.training.packers.synthetic import pack_synthetic
+    from pipeline.training.packers.writer import write_plan
 
     storage = storage_options(args.storage_options)
     fmt = args.pack_format
     if fmt == "synthetic":
-        summaries = pack.pack_synthetic(args.output, kind=args.kind, num_train=args.num_train,
-                                        num_heldout=args.num_heldout, seed=args.seed, max_objects=args.max_objects,
-                                        **_write_options(args, storage, args.dataset))
+        summaries = pack_synthetic(args.output, kind=args.kind, num_train=args.num_train,
+                                   num_heldout=args.num_heldout, seed=args.seed, max_objects=args.max_objects,
+                                   **_write_options(args, storage, args.dataset))
         for summary in summaries.values():
             print(f"[pack] {summary.describe()}")
         return 0
     if fmt in ("coco", "detection"):
-        planner = pack.plan_coco if fmt == "coco" else pack.plan_detection
+        planner = plan_coco if fmt == "coco" else plan_detection
         plan = planner(args.annotations, args.images, base_only=args.base_only, split_file=args.split_file,
                        dataset=args.dataset, keep_empty=args.keep_empty, storage_options=storage)
     elif fmt == "folders":
-        plan = pack.plan_folders(args.root, dataset=args.dataset, storage_options=storage)
+        plan = plan_folders(args.root, dataset=args.dataset, storage_options=storage)
     elif fmt == "sa1b":
-        plan = pack.plan_sa1b(args.root, dataset=args.dataset, keep_empty=args.keep_empty, storage_options=storage)
+        plan = plan_sa1b(args.root, dataset=args.dataset, keep_empty=args.keep_empty, storage_options=storage)
     else:  # argparse restricts the choices
         raise ValueError(f"unknown pack format {fmt!r}")
-    summary = pack.write_plan(plan, args.output, **_write_options(args, storage, plan.classes.dataset))
+    summary = write_plan(plan, args.output, **_write_options(args, storage, plan.classes.dataset))
     print(f"[pack] {summary.describe()}")
     return 0
 

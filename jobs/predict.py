@@ -96,7 +96,7 @@ def read_image(url: str, max_pixels: int) -> Any:
     """An image file (any fsspec URL) -> ``HxWx3`` uint8 RGB, decoded as the annotation job does."""
     import fsspec
 
-    from pipeline.decode import ImageDecodeError, decode_image
+    from pipeline.inputs.decode import ImageDecodeError, decode_image
 
     try:
         with fsspec.open(url, "rb") as f:
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     import ovsam
     from ovsam.automatic import OvsamMaskGenerator
-    from pipeline.overlay import render_overlay
+    from pipeline.export.overlay import render_overlay
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ovsam.build_ovsam(args.model, checkpoint=args.checkpoint, device=device, precision=args.precision)

@@ -165,7 +165,7 @@ def hashed_config(source: dict[str, Any], vocabulary_spec: str, vocabulary_hash:
 
 def _read_verified(fs: Any, root: str, entry: dict[str, Any]) -> Any:
     """A committed Parquet file as a table, after checking its bytes against the manifest's sha256."""
-    from pipeline.sinks import parquet_from_bytes
+    from pipeline.inputs.parquet import parquet_from_bytes
 
     path = f"{root}/{entry['path']}"
     with fs.open(path, "rb") as f:
@@ -184,9 +184,9 @@ def relabel_shard(src_fs: Any, src_root: str, dst_fs: Any, dst_root: str, manife
     ``manifest`` is the input shard's manifest: its files are read and checked against it, and its input URL and
     read report are carried into the new manifest (the output still describes the same input tar).
     """
-    from pipeline.export import relabel_rows
-    from pipeline.sinks import commit_shard
-    from pipeline.sources import ShardReadReport
+    from pipeline.annotate.relabel import relabel_rows
+    from pipeline.annotate.sinks import commit_shard
+    from pipeline.inputs.sources import ShardReadReport
 
     shard = manifest["shard"]
     instances = _read_verified(src_fs, src_root, manifest["files"]["instances"]).to_pylist()
@@ -212,7 +212,7 @@ def run_relabel(cfg: RelabelConfig) -> RelabelSummary:
     import fsspec
 
     import ovsam
-    from pipeline.ledger import Ledger, config_hash, write_run_json
+    from pipeline.annotate.ledger import Ledger, config_hash, write_run_json
 
     src_fs, src_root = fsspec.core.url_to_fs(cfg.input, **cfg.storage_options)
     dst_fs, dst_root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)

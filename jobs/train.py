@@ -68,7 +68,7 @@ from typing import Any
 from jobs.args import add_storage_options
 from jobs.args import storage_options as parse_storage_options
 from ovsam.config import ROI_BOX_RULES
-from pipeline.train_specs import DatasetSpec, parse_dataset_spec, parse_heldout_spec
+from pipeline.training.train_specs import DatasetSpec, parse_dataset_spec, parse_heldout_spec
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def export_vocabularies(cfg: TrainJobConfig, model_file: Path, output: str) -> d
 
     from jobs.train_loop import vocabulary_for
     from ovsam import build_ovsam
-    from pipeline.train_data import open_shard_set
+    from pipeline.training.train_data import open_shard_set
 
     model = None
     urls = {}

@@ -28,7 +28,7 @@ import torch
 
 from jobs import trainer
 from jobs.train import MODEL_FILE, STAGE, TrainJobConfig
-from pipeline import train_data as TD
+from pipeline.training import train_data as TD
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """One CLIP2SAM training step's forward pass and losses (OVSAM_SPEC §4.3), on batches from
-``pipeline.train_data`` (any object with the :class:`~pipeline.train_data.TrainSample` fields works).
+``pipeline.training.train_data`` (any object with the :class:`~pipeline.training.train_data.TrainSample` fields works).
 
 - The CLIP trunk, the SAM2CLIP neck and the prompt encoder are frozen and run without gradient, unless the trunk
   or the neck was unfrozen (``ovsam.training.UNFREEZABLE``): then the losses reach them too.

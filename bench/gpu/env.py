@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             for dist, result in how.items():
                 print(f"[env] {dist}: {result}")
     info = describe()
-    project = missing(["ovsam", "ovsam.batch", "pipeline.stages", "pipeline.decode", "bench.corpus"])
+    project = missing(["ovsam", "ovsam.batch", "pipeline.annotate.stages", "pipeline.inputs.decode", "bench.corpus"])
     info.update(missing_before=before, installed=how, missing_after=missing(list(NEEDED)), project_import_errors=project)
     for m, v in info["versions"].items():
         print(f"[env]   {m:18} {v}")

@@ -1,4 +1,4 @@
-"""The annotation job's model stage in this process: ``pipeline.stages.Annotator`` over a decoded corpus, with
+"""The annotation job's model stage in this process: ``pipeline.annotate.stages.Annotator`` over a decoded corpus, with
 how busy it keeps the GPU.
 
     python bench/gpu/model_stage.py --device cuda --precision bf16 --batch-size 16 --json out/model_stage.json
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.corpus import parse_sizes, write_corpus
     from bench.pipeline import measure_decode, measure_model_only
-    from pipeline.stages import Annotator, ModelStageConfig
+    from pipeline.annotate.stages import Annotator, ModelStageConfig
 
     sizes = parse_sizes(args.image_size)
     workdir = Path(tempfile.mkdtemp(prefix="ovsam-model-stage-"))

@@ -26,13 +26,21 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import labelstudio as LS
-from .cache import ByteLRU
-from .inputs import check_url, parse_json, read_body, read_url
-from .requests import (ApiError, EverythingParams, SegmentParams, VocabularySpec, parse_everything, parse_segment,
-                       parse_url, parse_vocabulary)
-from .service import DEFAULT_VOCABULARY, SegmentCall, SegmentService, new_id, vocabulary_id
-from .settings import ServeSettings
+from pipeline.serving import labelstudio as LS
+from pipeline.serving.cache import ByteLRU
+from pipeline.serving.inputs import check_url, parse_json, read_body, read_url
+from pipeline.serving.requests import (
+    ApiError,
+    EverythingParams,
+    SegmentParams,
+    VocabularySpec,
+    parse_everything,
+    parse_segment,
+    parse_url,
+    parse_vocabulary,
+)
+from pipeline.serving.service import DEFAULT_VOCABULARY, SegmentCall, SegmentService, new_id, vocabulary_id
+from pipeline.serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")

@@ -23,10 +23,10 @@ from typing import Any
 import ray
 from ray import serve
 
-from .api import make_app
-from .requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
-from .service import SegmentCall
-from .settings import ServeSettings
+from pipeline.serving.api import make_app
+from pipeline.serving.requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
+from pipeline.serving.service import SegmentCall
+from pipeline.serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 ROUTED_IMAGES_PER_REPLICA = 100_000
@@ -77,7 +77,7 @@ class OvsamModelDeployment:
 
         import ovsam
 
-        from .service import SegmentService
+        from pipeline.serving.service import SegmentService
 
         if ray.get_gpu_ids():
             device = "cuda"
@@ -96,7 +96,7 @@ class OvsamModelDeployment:
 
         from PIL import Image
 
-        from .requests import parse_segment
+        from pipeline.serving.requests import parse_segment
 
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (128, 128, 128)).save(buf, "PNG")

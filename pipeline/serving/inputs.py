@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from .requests import ApiError
+from pipeline.serving.requests import ApiError
 
 
 async def read_body(request: Request, limit: int) -> bytes:

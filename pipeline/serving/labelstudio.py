@@ -5,7 +5,7 @@ Label Studio calls ``GET /health`` (``{"status": "UP"}``), ``POST /setup`` (the 
 ``params.context`` the annotator's smart keypoints and rectangles). Keypoint and rectangle values are in percent
 of the image's size (``original_width`` and ``original_height``); a keypoint's ``is_positive`` says whether it adds
 or removes. The answer holds one prediction per task: ``{"result": [...], "score", "model_version"}``, its
-``brushlabels`` result carrying the mask in Label Studio's brush RLE (``pipeline.export_tools.brush_rle``).
+``brushlabels`` result carrying the mask in Label Studio's brush RLE (``pipeline.export.tools.brush_rle``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import numpy as np
 from fastapi import Request  # a module global: FastAPI resolves the routes' string annotations here
 from fastapi.responses import JSONResponse
 
-from ..export_tools import brush_rle
-from .inputs import check_url, parse_json, read_body
-from .requests import ApiError, VocabularySpec, parse_segment
-from .service import vocabulary_id
+from pipeline.export.tools import brush_rle
+from pipeline.serving.inputs import check_url, parse_json, read_body
+from pipeline.serving.requests import ApiError, VocabularySpec, parse_segment
+from pipeline.serving.service import vocabulary_id
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from ovsam.rle import encode_rle_torch
 from ovsam.runtime import release_freed_memory
 from ovsam.vocabulary import Vocabulary
 
-from ..decode import ImageDecodeError, decode_image
-from ..export import mask_polygons
-from .cache import ByteLRU, nbytes
-from .requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
+from pipeline.inputs.decode import ImageDecodeError, decode_image
+from pipeline.export.coco import mask_polygons
+from pipeline.serving.cache import ByteLRU, nbytes
+from pipeline.serving.requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
 
 DEFAULT_VOCABULARY = "default"
 PREVIOUS_PER_IMAGE = 32

@@ -11,8 +11,8 @@ from bench.grid import main
 def test_grid_bench_reports_recall_per_setting(tmp_path):
     import ovsam
     from ovsam.checkpoint import save_checkpoint
-    from pipeline.pack import pack_synthetic
-    from pipeline.synthetic import CLASS_NAMES
+    from pipeline.training.packers.synthetic import pack_synthetic
+    from pipeline.training.synthetic import CLASS_NAMES
 
     model_dir = tmp_path / "demo" / "model"
     pack_synthetic(str(model_dir / "data" / "synthetic"), kind="mask", num_train=1, num_heldout=3)

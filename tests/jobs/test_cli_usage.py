@@ -139,7 +139,7 @@ def test_grid_settings_reach_the_generator_and_the_config_hash(tmp_path):
     import argparse
 
     from jobs.annotate import add_arguments, config_from_args, hashed_config
-    from pipeline.stages import Annotator
+    from pipeline.annotate.stages import Annotator
 
     def cfg(*extra):
         p = argparse.ArgumentParser()

@@ -54,7 +54,7 @@ def test_demo_trains_its_model_and_annotates_with_it(tmp_path, capsys):
     vocabulary_file = tmp_path / "model" / "ovsam-tiny-synthetic.synthetic.vocab.safetensors"
     assert str(model) in run and str(vocabulary_file) in run
     from ovsam import Vocabulary
-    from pipeline.synthetic import CLASS_NAMES
+    from pipeline.training.synthetic import CLASS_NAMES
 
     vocabulary = Vocabulary.load(vocabulary_file)
     assert vocabulary.names == list(CLASS_NAMES) and vocabulary.templates == ("{}",)

@@ -26,9 +26,9 @@ from ovsam import build_ovsam
 from ovsam.batch import prepare_image
 from ovsam.checkpoint import export_released
 from ovsam.convert import convert_official
-from pipeline.distill_data import EMBEDDING_EXT, DistillStream, InputSpec, decode_embedding
-from pipeline.sources import iter_samples
-from pipeline.synthetic import draw_scene, write_shards
+from pipeline.training.distill_data import EMBEDDING_EXT, DistillStream, InputSpec, decode_embedding
+from pipeline.inputs.sources import iter_samples
+from pipeline.training.synthetic import draw_scene, write_shards
 from tests.s3server import moto_s3
 
 STUDENT, TEACHER = "ovsam-tiny", "sam-tiny"
@@ -126,7 +126,7 @@ def test_dump_matches_online_teacher_and_resumes(shards, tmp_path):
         assert sample.files["json"] == originals[sample.key]["json"]
         raw = np.load(__import__("io").BytesIO(sample.files[EMBEDDING_EXT]))
         assert raw.dtype == np.float16 and raw.shape == (64, 16, 16)
-        from pipeline.decode import decode_image
+        from pipeline.inputs.decode import decode_image
 
         x = prepare_image(student, decode_image(sample.files["jpg"])[0]).tensor[None]
         with torch.no_grad():
@@ -175,8 +175,8 @@ def s3_endpoint():
 def test_dump_to_s3_equals_local_and_trains_from_it(shards, tmp_path, s3_endpoint):
     import boto3
 
-    from pipeline.distill_data import iter_once
-    from pipeline.teacher_cache import cache_shards
+    from pipeline.training.distill_data import iter_once
+    from pipeline.training.teacher_cache import cache_shards
 
     storage = {"key": ACCESS_KEY, "secret": SECRET_KEY,
                "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": REGION}}

@@ -20,9 +20,9 @@ from PIL import Image
 from jobs.annotate import AnnotateConfig, run_annotate
 from jobs.cli import main as cli_main
 from jobs.relabel import RelabelConfig, run_relabel
-from pipeline.decode import decode_sample
-from pipeline.sources import iter_samples
-from pipeline.stages import ModelStageConfig
+from pipeline.inputs.decode import decode_sample
+from pipeline.inputs.sources import iter_samples
+from pipeline.annotate.stages import ModelStageConfig
 from tests.pipeline.corpus import write_corpus
 
 GOOD = ("good-000000", "good-000001")
@@ -122,7 +122,7 @@ def test_relabel_with_same_vocabulary_reproduces_stored_labels(annotated, corpus
 
 def test_relabel_with_new_vocabulary(annotated, corpus, tmp_path, capsys):
     import ovsam
-    from pipeline.export import relabel_rows
+    from pipeline.annotate.relabel import relabel_rows
 
     _, vocab, other = corpus
     out = tmp_path / "other"
@@ -207,7 +207,7 @@ def _mask(row: dict) -> np.ndarray:
 
 
 def test_show_renders_job_output(annotated, corpus, tmp_path, capsys):
-    from pipeline.overlay import overlay_filename
+    from pipeline.export.overlay import overlay_filename
 
     root, _, _ = corpus
     out_dir = tmp_path / "png"
@@ -249,9 +249,9 @@ def test_show_renders_job_output(annotated, corpus, tmp_path, capsys):
 def handmade(corpus, tmp_path):
     """An output committed through the job's sink for the bad-input shard: one rectangle mask per ok image, in the
     lower middle of the image, and the shard's URL recorded somewhere it no longer is."""
-    from pipeline.ledger import write_run_json
-    from pipeline.sinks import commit_shard
-    from pipeline.sources import ShardReadReport
+    from pipeline.annotate.ledger import write_run_json
+    from pipeline.annotate.sinks import commit_shard
+    from pipeline.inputs.sources import ShardReadReport
 
     import fsspec
 
@@ -291,7 +291,7 @@ def handmade(corpus, tmp_path):
 
 
 def test_show_draws_only_on_masks_boxes_and_captions(handmade, corpus, tmp_path, capsys):
-    from pipeline.overlay import overlay_filename, write_overlays
+    from pipeline.export.overlay import overlay_filename, write_overlays
 
     root, _, _ = corpus
     out, masks, statuses = handmade

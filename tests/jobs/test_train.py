@@ -35,7 +35,7 @@ import torch
 
 from jobs import trainer
 from jobs.train import SYNTHETIC_RECIPE, TrainJobConfig, run_train
-from pipeline.train_specs import DatasetSpec
+from pipeline.training.train_specs import DatasetSpec
 
 REPO = Path(__file__).resolve().parents[2]
 # The short-run recipe for the random-init tiny model (jobs/train.py, also the demo's): 1,200 steps of region
@@ -51,7 +51,7 @@ TOTAL_STEPS = SYNTHETIC_RECIPE["trunk_warmup"] + SYNTHETIC_RECIPE["steps"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from pipeline.pack import pack_synthetic
+    from pipeline.training.packers.synthetic import pack_synthetic
 
     root = tmp_path_factory.mktemp("synthetic")
     pack_synthetic(str(root / "mask"), kind="mask", num_train=256, num_heldout=48, samples_per_shard=32)
@@ -136,7 +136,7 @@ def test_eval_prompts_equals_the_training_jobs_heldout_evaluation(reference, sha
     checkpointing: the trunk trains, each worker's statistics follow its own batches, and without that the two
     workers evaluated with different models and the checkpoint held rank 0's: box mIoU 3.5e-5 and 2 of 122 labels
     off.)"""
-    from pipeline.eval_prompts import EvalPromptsConfig, run_eval_prompts
+    from pipeline.evaluation.prompts import EvalPromptsConfig, run_eval_prompts
 
     out = reference["out"]
     cfg = EvalPromptsConfig(output=str(tmp_path / "eval"), model="ovsam-tiny",
@@ -280,7 +280,7 @@ def test_output_loads_for_annotate_and_exports_released(reference, tmp_path):
     assert torch.equal(neck["neck_student." + key.split(".", 1)[1]], trained[key])
     # beside the output: the vocabulary the run classified against (bare names, every class a trained base class)
     from ovsam import Vocabulary
-    from pipeline.synthetic import CLASS_NAMES, write_shards
+    from pipeline.training.synthetic import CLASS_NAMES, write_shards
 
     vocabulary_file = out / "model.synthetic.vocab.safetensors"
     assert reference["vocabularies"] == {"synthetic": str(vocabulary_file)}
@@ -303,9 +303,9 @@ def _pack_relabelled(root: Path, name: str, kind: str, classes: list[str], relab
     ``classes``: the same scenes under another vocabulary."""
     import dataclasses
 
-    from pipeline.pack import plan_synthetic
-    from pipeline.pack_writer import PackPlan, write_plan
-    from pipeline.synthetic import CLASS_NAMES
+    from pipeline.training.packers.synthetic import plan_synthetic
+    from pipeline.training.packers.writer import PackPlan, write_plan
+    from pipeline.training.synthetic import CLASS_NAMES
     from schemas.training import ClassesFile
 
     base = plan_synthetic(kind, num, split="train", seed=len(name))
@@ -447,7 +447,7 @@ def test_trunk_warmup_trains_the_trunk_first_and_resumes(tmp_path):
     import shutil
 
     from ovsam import build_ovsam
-    from pipeline.pack import pack_synthetic
+    from pipeline.training.packers.synthetic import pack_synthetic
 
     pack_synthetic(str(tmp_path / "data"), kind="mask", num_train=8, num_heldout=2, samples_per_shard=4)
     warm, steps = 3, 3

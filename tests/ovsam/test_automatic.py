@@ -89,7 +89,7 @@ def test_defaults_follow_the_model_and_the_cli_uses_the_measured_ones(sam_tiny, 
 
     from jobs.args import add_grid_arguments
     from ovsam.automatic import OVSAM_GRID_DEFAULTS, SAM_GRID_DEFAULTS
-    from pipeline.stages import ModelStageConfig
+    from pipeline.annotate.stages import ModelStageConfig
 
     sam = OvsamMaskGenerator(sam_tiny)
     ov = OvsamMaskGenerator(tiny_model, tiny_vocab)

@@ -163,7 +163,7 @@ def test_trunk_warmup_loss_trains_the_trunk_and_probe_only():
 
 
 def _mask_batch(model):
-    from pipeline.train_data import TrainSample
+    from pipeline.training.train_data import TrainSample
 
     g = torch.Generator().manual_seed(0)
     s = model.image_size
