@@ -2,6 +2,9 @@
 
 A vocabulary is data, not model state: it is built once with a CLIP text tower, saved to one safetensors file
 with its names, synonyms, base/novel split, templates, CLIP model name and a content hash, and loaded by workers.
+This module builds vocabularies (:meth:`Vocabulary.from_names`, :func:`encode_synonyms`) and scores regions
+against them (:meth:`Vocabulary.logits`, :meth:`Vocabulary.topk`, :meth:`Vocabulary.prototypes`); the class-list
+and vocabulary file formats, and the checks on names, synonyms and split, are in :mod:`ovsam.vocabulary_files`.
 
 Text normalisation is explicit. ``Vocabulary.from_names(..., normalize="plain")`` (the default, for user class
 lists) splits string entries on commas and strips each synonym; ``normalize="ovsam"`` applies the published
@@ -27,15 +30,13 @@ from .class_lists import (BASE, BUILTINS, EXCLUDED, NOVEL, SPLIT_NAMES, builtin_
                           plain_synonyms, split_label)
 from .modeling.recognition import ClassPrototypes
 from .templates import VILD_TEMPLATES
+from .vocabulary_files import (CLASSES_FORMAT, CLASSES_FORMAT_KEY, FILE_FORMAT, FILE_VERSION,  # noqa: F401
+                               check_classes, check_split, read_class_file, read_classes_json, read_saved, spec_kind,
+                               write_saved)
 
 logger = logging.getLogger(__name__)
 
-FILE_FORMAT = "ovsam-vocabulary"
-FILE_VERSION = "1"
 NORM_TOLERANCE = 1e-3
-# ``ovsam pack`` writes these into classes.json (schemas/training.py, which this package must not import)
-CLASSES_FORMAT_KEY = "format"
-CLASSES_FORMAT = "ovsam-classes"
 
 
 _NORMALIZERS = {"plain": plain_synonyms, "ovsam": split_label}
@@ -71,9 +72,9 @@ class Vocabulary:
     def __post_init__(self) -> None:
         names = [str(n) for n in self.names]
         synonyms = [[str(s) for s in syn] for syn in self.synonyms]
-        _check_classes(names, synonyms)
+        check_classes(names, synonyms)
         emb = _check_embeddings(self.embeddings, synonyms)
-        split = _check_split(self.split, len(names))
+        split = check_split(self.split, len(names))
         for key, value in (("names", names), ("synonyms", synonyms), ("embeddings", emb), ("split", split),
                            ("clip_model", str(self.clip_model)), ("templates", tuple(self.templates))):
             object.__setattr__(self, key, value)
@@ -158,10 +159,10 @@ class Vocabulary:
             raise TypeError(f"from_names needs a model with encode_text, tokenizer and clip_model_name (e.g. an "
                             f"OvsamModel), or an open_clip CLIP with tokenizer= and clip_model=; got "
                             f"{type(model).__name__} with tokenizer={tok is not None}, clip_model={clip_name!r}")
-        _check_classes(display, synonyms)
+        check_classes(display, synonyms)
         if check_synonyms:
             warn_shared_synonyms(display, synonyms)
-        _check_split(split, len(display))
+        check_split(split, len(display))
         emb = encode_synonyms(model, tok, synonyms, templates, batch_size=batch_size, progress=progress,
                               device=device)
         return cls(display, synonyms, emb, split=split, clip_model=clip_name, templates=tuple(templates))
@@ -193,39 +194,10 @@ class Vocabulary:
 
     @staticmethod
     def read_class_file(path: str | Path) -> tuple[list[list[str]], list[int] | None]:
-        """Read a UTF-8 text class list.
-
-        One class per line, comma-separated synonyms (``couch, sofa``); ``#`` starts a comment anywhere on a
-        line; blank lines are skipped. A line may end with ``| base``, ``| novel`` or ``| excluded``; either every
-        class line has such a tag or none does. Returns ``(synonyms per class, split or None)``; the display name
-        of a class is its first synonym. Malformed lines raise ``ValueError`` with ``path:line``.
-        """
-        classes: list[list[str]] = []
-        tags: list[int | None] = []
-        for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            tag = None
-            if "|" in line:
-                line, _, t = line.rpartition("|")
-                t = t.strip().lower()
-                if t not in SPLIT_NAMES or "|" in line:
-                    raise ValueError(f"{path}:{lineno}: expected 'synonyms | base|novel|excluded', got {raw!r}")
-                tag = SPLIT_NAMES[t]
-            syn = plain_synonyms(line)
-            if not syn:
-                raise ValueError(f"{path}:{lineno}: no class name on this line: {raw!r}")
-            classes.append(syn)
-            tags.append(tag)
-        if not classes:
-            raise ValueError(f"{path}: no classes found (one class per line, comma-separated synonyms)")
-        if all(t is None for t in tags):
-            return classes, None
-        if any(t is None for t in tags):
-            missing = [classes[i][0] for i, t in enumerate(tags) if t is None][:5]
-            raise ValueError(f"{path}: split tags must be on every line or on none; untagged classes: {missing}")
-        return classes, [int(t) for t in tags if t is not None]
+        """Read a UTF-8 text class list: ``(synonyms per class, split or None)``, one class per line with
+        comma-separated synonyms and an optional ``| base``/``| novel``/``| excluded`` tag
+        (:func:`ovsam.vocabulary_files.read_class_file`)."""
+        return read_class_file(path)
 
     @classmethod
     def from_file(cls, path: str | Path, model: Any, **kwargs: Any) -> Vocabulary:
@@ -237,86 +209,42 @@ class Vocabulary:
 
     @staticmethod
     def read_classes_json(path: str | Path) -> tuple[list[str], list[list[str]], list[int] | None]:
-        """Read the ``classes.json`` of a packed training dataset (``ovsam pack``; format in
-        ``schemas/training.py``): ``(display names, synonyms per class, split or None)``.
-
-        Each class entry is ``"name,synonym,..."``; the display name is the first synonym, with the class's source
-        id (``ids``) or index appended where that name is ambiguous. Raises ``ValueError`` naming the file for
-        anything else, and for a class-agnostic dataset (no classes), which cannot serve as a vocabulary.
-        """
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a JSON classes file: {e}") from None
-        if not isinstance(data, dict) or data.get(CLASSES_FORMAT_KEY) != CLASSES_FORMAT:
-            raise ValueError(f"{path}: expected a classes file with \"format\": \"{CLASSES_FORMAT}\" (written by "
-                             f"`ovsam pack`)")
-        classes, split, ids = data.get("classes"), data.get("split"), data.get("ids")
-        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-            raise ValueError(f"{path}: 'classes' must be a list of 'name,synonym,...' strings")
-        if not classes:
-            raise ValueError(f"{path}: dataset {data.get('dataset')!r} is class-agnostic (no classes), so it cannot "
-                             f"be used as a vocabulary; pass a built-in name or a class list instead")
-        for name, value in (("split", split), ("ids", ids)):
-            if value is not None and (not isinstance(value, list) or len(value) != len(classes)):
-                raise ValueError(f"{path}: {name!r} must be null or have one entry per class ({len(classes)})")
-        synonyms = []
-        for i, entry in enumerate(classes):
-            syn = plain_synonyms(entry)
-            if not syn:
-                raise ValueError(f"{path}: class {i} ({entry!r}) has no name")
-            synonyms.append(syn)
-        counts: dict[str, int] = {}
-        for syn in synonyms:
-            counts[syn[0]] = counts.get(syn[0], 0) + 1
-        names = [s[0] if counts[s[0]] == 1 else f"{s[0]} ({ids[i] if ids is not None else i})"
-                 for i, s in enumerate(synonyms)]
-        if split is not None:
-            bad = [s for s in split if s not in SPLIT_NAMES]
-            if bad:
-                raise ValueError(f"{path}: split values must be base, novel or excluded; got {bad[0]!r}")
-            split = [SPLIT_NAMES[s] for s in split]
-        return names, synonyms, split
+        """Read the ``classes.json`` of a packed training dataset (``ovsam pack``): ``(display names, synonyms per
+        class, split or None)`` (:func:`ovsam.vocabulary_files.read_classes_json`)."""
+        return read_classes_json(path)
 
     @classmethod
     def read_spec(cls, spec: str | Path) -> tuple[list[str], list[list[str]], list[int] | None]:
         """``(display names, synonyms, split)`` of anything :meth:`resolve` takes, without a model and without
         embedding anything (a saved vocabulary is loaded as it is)."""
-        text = str(spec)
-        if text in BUILTINS:
-            names, synonyms, split = cls.class_list(text)
+        kind, source = spec_kind(spec)
+        if kind == "builtin":
+            names, synonyms, split = cls.class_list(str(source))
+        elif kind == "saved":
+            v = cls.load(source)
+            names, synonyms, split = v.names, v.synonyms, v.split
+        elif kind == "classes_json":
+            names, synonyms, split = cls.read_classes_json(source)
         else:
-            path = Path(text)
-            if not path.is_file():
-                raise ValueError(f"vocabulary {text!r} is neither a built-in ({', '.join(BUILTINS)}) nor a file")
-            if _is_saved(path):
-                v = cls.load(path)
-                names, synonyms, split = v.names, v.synonyms, v.split
-            elif _is_classes_json(path):
-                names, synonyms, split = cls.read_classes_json(path)
-            else:
-                synonyms, split = cls.read_class_file(path)
-                names = [s[0] for s in synonyms]
+            synonyms, split = cls.read_class_file(source)
+            names = [s[0] for s in synonyms]
         return list(names), [list(s) for s in synonyms], None if split is None else [int(v) for v in split]
 
     @classmethod
     def resolve(cls, spec: str | Path, model: Any, **kwargs: Any) -> Vocabulary:
         """A built-in name, a file written by :meth:`save` (``model`` unused), a packed dataset's
         ``classes.json`` (:meth:`read_classes_json`), or a text class list."""
-        text = str(spec)
-        if text in BUILTINS:
-            return cls.from_builtin(text, model, **kwargs)
-        path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"vocabulary {text!r} is neither a built-in ({', '.join(BUILTINS)}) nor a file")
-        if _is_saved(path):
-            return cls.load(path)
-        if _is_classes_json(path):
-            names, synonyms, split = cls.read_classes_json(path)
+        kind, source = spec_kind(spec)
+        if kind == "builtin":
+            return cls.from_builtin(str(source), model, **kwargs)
+        if kind == "saved":
+            return cls.load(source)
+        if kind == "classes_json":
+            names, synonyms, split = cls.read_classes_json(source)
             if split is not None:
                 kwargs.setdefault("split", split)
             return cls.from_names(synonyms, model, display_names=names, check_synonyms=False, **kwargs)
-        return cls.from_file(path, model, **kwargs)
+        return cls.from_file(source, model, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -432,15 +360,9 @@ class Vocabulary:
         return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file (``embeddings`` + JSON metadata with the content hash), atomically."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "meta": json.dumps(self._meta()),
-                "content_hash": self.content_hash}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"embeddings": self.embeddings.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        """Write one safetensors file (``embeddings`` + JSON metadata with the content hash), atomically
+        (:func:`ovsam.vocabulary_files.write_saved`)."""
+        path = write_saved(path, self.embeddings, self._meta(), self.content_hash)
         logger.info("saved vocabulary of %d classes to %s (hash %s)", len(self), path, self.content_hash[:12])
         return path
 
@@ -448,24 +370,11 @@ class Vocabulary:
     def load(cls, path: str | Path) -> Vocabulary:
         """Load a file written by :meth:`save`. Raises ``ValueError`` naming the file if it is not one, or if its
         content does not match its stored hash."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not _is_saved(path):
-            raise ValueError(f"{path} is not a saved ovsam vocabulary (expected a safetensors file written by "
-                             f"Vocabulary.save)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            emb = f.get_tensor("embeddings") if "embeddings" in f.keys() else None
+        fields = read_saved(path)
         try:
-            if emb is None:
-                raise ValueError("no 'embeddings' tensor")
-            info = json.loads(meta["meta"])
-            split = None if info["split"] is None else np.asarray(info["split"], dtype=np.int64)
-            return cls(info["names"], info["synonyms"], emb, split=split, clip_model=info["clip_model"],
-                       templates=tuple(info["templates"]), content_hash=meta.get("content_hash", "missing"))
+            return cls(**fields)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {type(e).__name__}: {e}") from e
+            raise ValueError(f"{Path(path)}: {type(e).__name__}: {e}") from e
 
 
 def encode_synonyms(
@@ -518,25 +427,6 @@ def encode_synonyms(
     return out
 
 
-def _check_classes(names: list[str], synonyms: list[list[str]]) -> None:
-    if not names:
-        raise ValueError("a vocabulary needs at least one class")
-    if len(names) != len(synonyms):
-        raise ValueError(f"{len(names)} names but {len(synonyms)} synonym lists; expected one list per class")
-    seen: dict[str, int] = {}
-    for i, (n, syn) in enumerate(zip(names, synonyms)):
-        if not n.strip():
-            raise ValueError(f"class {i} has an empty name")
-        if not syn:
-            raise ValueError(f"class {i} ({n!r}) has no synonyms; expected at least one")
-        empty = [j for j, s in enumerate(syn) if not s.strip()]
-        if empty:
-            raise ValueError(f"class {i} ({n!r}) has an empty synonym at position {empty[0]}: {syn!r}")
-        if n in seen:
-            raise ValueError(f"duplicate class name {n!r} at indices {seen[n]} and {i}")
-        seen[n] = i
-
-
 def warn_shared_synonyms(names: list[str], synonyms: list[list[str]]) -> None:
     """Log a warning for each synonym (case-insensitive) that more than one class of a user's list has: those
     classes then compete for the same regions. (WordNet-based built-ins share thousands by design.)"""
@@ -565,36 +455,3 @@ def _check_embeddings(embeddings: Any, synonyms: list[list[str]]) -> torch.Tenso
         raise ValueError(f"embeddings must be unit-norm rows; class {ci} prototype {pi} has norm "
                          f"{float(norms[ci, pi]):.6g} ({int(off.sum())} rows off by more than {NORM_TOLERANCE})")
     return emb
-
-
-def _check_split(split: Any, n: int) -> np.ndarray | None:
-    if split is None:
-        return None
-    values = [SPLIT_NAMES.get(s, s) if isinstance(s, str) else s for s in list(split)]
-    if len(values) != n:
-        raise ValueError(f"split must have one entry per class ({n}), got {len(values)}")
-    for i, v in enumerate(values):
-        if isinstance(v, str) or v not in (0, 1, 2):
-            raise ValueError(f"split values must be 1/'base', 2/'novel' or 0/'excluded'; class {i} has {v!r}")
-    return np.asarray(values, dtype=np.int8)
-
-
-def _is_classes_json(path: Path) -> bool:
-    """Whether ``path`` holds a JSON object (then it must be a packed dataset's ``classes.json``; text class lists
-    never start with ``{``)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        return False
-    return head.lstrip().startswith(b"{")
-
-
-def _is_saved(path: Path) -> bool:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FILE_FORMAT
-    except (SafetensorError, OSError, UnicodeDecodeError):
-        return False
