@@ -6,7 +6,7 @@
         --host 0.0.0.0 --token-env OVSAM_TOKEN --allow-url-prefix s3://my-bucket/images/
 
 Then open http://HOST:PORT/ for the browser page, http://HOST:PORT/docs for the API, or connect Label Studio to
-http://HOST:PORT (docs/serving.md). It runs until interrupted (Ctrl-C). The same application deploys with
+http://HOST:PORT (docs/serve.md). It runs until interrupted (Ctrl-C). The same application deploys with
 ``serve run pipeline.serving.app:build_app model=ovsam-tiny`` or a ``serve deploy`` config file.
 """
 

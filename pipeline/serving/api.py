@@ -142,7 +142,7 @@ class ImageStore:
 
 def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = None,
              label_studio_key: str | None = None, precision: str | None = None) -> FastAPI:
-    """The FastAPI app: the routes of ``docs/serving.md`` over ``backend``, with the limits and access rules of
+    """The FastAPI app: the routes of ``docs/serve.md`` over ``backend``, with the limits and access rules of
     ``settings``. ``token`` and ``label_studio_key`` are the secrets ``settings`` names by environment variable,
     read where the app runs; ``precision`` the one the replicas resolved (default: ``settings.precision``)."""
     app = FastAPI(title="ovsam serve", version="1",
