@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.args import UsageError, add_storage_options, positive_int, storage_options
+from jobs.args import UsageError, add_storage_options, check_output_shards, positive_int, storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     storage = storage_options(args.storage_options)
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
+    check_output_shards("--shards", args.shards, args.input, storage)
     shown: list = []
 
     def collect(path: Path, shard: str, key: str, instances: list[dict]) -> None:
@@ -187,6 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     fs, root = fsspec.core.url_to_fs(args.input, **storage)
     if not fs.exists(f"{root.rstrip('/')}/run.json"):
         raise UsageError(f"--input {args.input} is not the output of `ovsam annotate` (no run.json)")
+    check_output_shards("--shards", args.shards, args.input, storage)
     out_fs, out_path = fsspec.core.url_to_fs(str(args.output), **storage)
     if fmt == "yolo-seg" and out_fs.isfile(out_path):
         raise UsageError(f"-o {args.output} is a file; --format yolo-seg writes a directory")
@@ -360,13 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         exp.add_argument("--input", required=True, help="annotation output URL")
         exp.add_argument("-o", "--output", required=True, help="JSON file to write (local path or any fsspec URL)")
         exp.add_argument("--images-dir", default=None, metavar="DIR",
-                         help="also copy the annotated images (original bytes) to DIR/<file_name> (any fsspec URL)")
+                         help="also copy the annotated images to DIR/<file_name> (any fsspec URL): the original bytes, or "
+                              "for an EXIF-rotated image its pixels upright in the masks' frame, the tag removed")
         exp.add_argument("--shards", action="append", default=None, metavar="URLS",
                          help="where the annotated inputs are now, for --images-dir (default: the inputs recorded "
                               "in run.json)")
         exp.add_argument("--polygons", action="store_true",
-                         help="polygons (OpenCV outer contours) instead of RLE masks; a mask too small for a "
-                              "polygon keeps its RLE")
+                         help="polygons (OpenCV outer contours of each part) instead of RLE masks; an empty mask "
+                              "keeps its RLE")
         exp.add_argument("--tolerance", type=float, default=1.0, metavar="PX",
                          help="polygon simplification tolerance in pixels, 0 for none (default: 1)")
         add_storage_options(exp)

@@ -203,7 +203,7 @@ def _unidentified_reason(data: bytes) -> str:
     return f"not a recognised image format ({len(data)} bytes, starts with {data[:8]!r}{hint})"
 
 
-def _orient(img: Any, notes: list[str]) -> Any:
+def apply_orientation(img: Any, notes: list[str]) -> Any:
     """Apply the EXIF orientation (2..8); unusable tags leave the image as stored, with a note."""
     from PIL import Image
 
@@ -262,7 +262,7 @@ def decode_image(
             img.load()
         except Exception as exc:
             raise ImageDecodeError(f"{fmt} pixel data is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
-    img = _orient(img, notes)
+    img = apply_orientation(img, notes)
     try:
         arr = _to_rgb(img)
     except ImageDecodeError:
