@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jobs.args import (PRECISIONS, UsageError, add_grid_arguments, add_storage_options, check_ovsam_model,
-                       float_in, positive_int, storage_options)
+                       expand_inputs, float_in, positive_int, storage_options)
 from pipeline.annotate.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
@@ -334,19 +334,20 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
 def run_annotate(cfg: AnnotateConfig) -> Any:
     """Resolve shards and config, skip committed shards, run the rest on Ray, print a summary.
 
-    Returns the ``RunSummary`` (None for a dry run).
+    Returns the ``RunSummary`` (None for a dry run). Invalid options and an ``--input`` that does not expand (a glob
+    matching nothing, a missing shard or list file) raise :class:`jobs.args.UsageError` before anything is written
+    or Ray starts.
     """
     import fsspec
 
     import ovsam
     from pipeline.annotate.ledger import Ledger, config_hash, write_run_json
     from pipeline.annotate.run import plan_cluster, run_shards
-    from pipeline.inputs.sources import expand_shards
     from pipeline.annotate.worker import WorkerConfig
 
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     validate_config(cfg, fs, root)
-    shards = expand_shards(list(cfg.inputs), cfg.storage_options, images_per_shard=cfg.images_per_shard,
+    shards = expand_inputs("--input", list(cfg.inputs), cfg.storage_options, images_per_shard=cfg.images_per_shard,
                            url_column=cfg.url_column)
     model = ovsam.build_ovsam(cfg.stage.model, checkpoint=cfg.stage.checkpoint)
     untrained = cfg.stage.checkpoint is None

@@ -131,5 +131,41 @@ def check_ovsam_model(model: str, checkpoint: str | None) -> None:
         if not fs.isfile(path):
             raise UsageError(f"--checkpoint {checkpoint}: no such file")
 
-__all__ = ["STORAGE_HELP", "UsageError", "add_grid_arguments", "add_storage_options", "check_ovsam_model", "float_in", "int_at_least", "json_object", "non_negative_int",
+
+def expand_inputs(flag: str, spec: str | list[str], storage: dict[str, Any] | None = None, **kwargs: Any) -> list[Any]:
+    """``pipeline.inputs.sources.expand_shards(spec, storage, **kwargs)`` for the option ``flag`` (``--input``,
+    ``--shards``). What it refuses (a glob that matches nothing, a bad brace range, a shard, directory, list file or
+    URL list that does not exist, a URL list without the ``--url-column``) raises :class:`UsageError` naming
+    ``flag``, so the command exits 2 before anything is written or Ray starts; other ``OSError``s (storage
+    unreachable, permission denied) pass through (exit 1)."""
+    from pipeline.inputs.sources import expand_shards
+
+    try:
+        return expand_shards(spec, storage, **kwargs)
+    except FileNotFoundError as e:
+        raise UsageError(f"{flag}: no such file or directory: {e.filename or e}") from None
+    except ValueError as e:
+        text = str(e) if flag == "--input" else str(e).replace("--input", flag)  # the sources name --input
+        raise UsageError(text if flag in text else f"{flag}: {text}") from None
+
+
+def check_output_shards(flag: str, shards: list[str] | None, output: str, storage: dict[str, Any]) -> None:
+    """``--shards`` of a command that reads the images of an annotation output again (``show``, ``export
+    --images-dir``, ``eval coco|compare --report``), expanded here as that reader will (missing shards dropped,
+    with the output's recorded ``--images-per-shard`` and ``--url-column``), so that a spec it cannot expand is a
+    :class:`UsageError` found before anything is written. Nothing to check without ``shards``."""
+    if not shards:
+        return
+    import fsspec
+
+    from pipeline.annotate.ledger import Ledger
+
+    fs, root = fsspec.core.url_to_fs(output, **storage)
+    recorded = (Ledger(fs, root.rstrip("/")).run_record() or {}).get("config", {})
+    expand_inputs(flag, list(shards), storage, allow_missing=True,
+                  images_per_shard=recorded.get("images_per_shard"), url_column=recorded.get("url_column"))
+
+
+__all__ = ["STORAGE_HELP", "UsageError", "add_grid_arguments", "add_storage_options", "check_ovsam_model",
+           "check_output_shards", "expand_inputs", "float_in", "int_at_least", "json_object", "non_negative_int",
            "positive_int", "storage_options"]

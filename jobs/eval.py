@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.args import (UsageError, add_storage_options, float_in, non_negative_int, positive_int,
-                       storage_options)
+from jobs.args import (UsageError, add_storage_options, check_output_shards, float_in, non_negative_int,
+                       positive_int, storage_options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +141,7 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     fs, root = fsspec.core.url_to_fs(args.pred, **storage)
     if not fs.exists(f"{root.rstrip('/')}/run.json"):
         raise UsageError(f"--pred {args.pred} is not the output of `ovsam annotate` (no run.json)")
+    check_output_shards("--shards", args.shards, args.pred, storage)
     report = eval_coco(args.pred, args.gt, vocabulary=args.vocabulary, iou_types=types, storage_options=storage)
     print(format_report(report, per_class=args.per_class))
     if args.report:
@@ -166,6 +167,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
         fs, root = fsspec.core.url_to_fs(url, **storage)
         if not fs.exists(f"{root.rstrip('/')}/run.json"):
             raise UsageError(f"{flag} {url} is not the output of `ovsam annotate` (no run.json)")
+    check_output_shards("--shards", args.shards, args.a, storage)
     report = compare_outputs(args.a, args.b, min_iou=args.min_iou, worst=max(100, args.worst),
                              storage_options=storage)
     print(format_compare(report, rows=args.worst))
@@ -185,7 +187,7 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
 def cmd_eval_prompts(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.evaluation.prompts import PROMPTS, EvalPromptsConfig, format_summary, run_eval_prompts
+    from pipeline.evaluation.prompts import PROMPTS, EvalPromptsConfig, format_summary, plan_units, run_eval_prompts
 
     prompts = tuple(t.strip() for t in args.prompt.split(",") if t.strip())
     if not prompts or any(p not in PROMPTS for p in prompts) or len(set(prompts)) != len(prompts):
@@ -206,7 +208,14 @@ def cmd_eval_prompts(args: argparse.Namespace) -> int:
         images_per_unit=args.images_per_unit, limit=args.limit, batch_size=args.batch_size,
         precision=args.precision, workers=args.workers, num_gpus_per_worker=args.num_gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address, storage_options=storage)
-    summary = run_eval_prompts(cfg, overwrite=args.overwrite)
+    units = None
+    if cfg.shards:  # listed here, so that shards that are not there are a usage error found before any output
+        try:
+            units = plan_units(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            text = str(e) if "--shards" in str(e) else f"--shards: {e}"
+            raise UsageError(text) from None
+    summary = run_eval_prompts(cfg, overwrite=args.overwrite, units=units)
     print(format_summary(summary))
     if args.report:
         from pipeline.evaluation.report import write_report

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jobs.annotate import package_versions, vocabulary_record
-from jobs.args import add_storage_options, storage_options
+from jobs.args import UsageError, add_storage_options, positive_int, storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +73,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocabulary", required=True,
                    help="built-in (coco, lvis, imagenet21k), a text class list, or a saved vocabulary")
     p.add_argument("--output", required=True, help="output URL for the re-labelled run")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="alternative labels stored per instance (default: the input run's)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="alternative labels stored per instance, >= 1 (default: the input run's)")
     p.add_argument("--checkpoint", default=None,
                    help="the input run's model checkpoint, if it has moved since (its sha256 must match)")
-    p.add_argument("--threads", type=int, default=2, help="shards read, re-labelled and written in parallel")
+    p.add_argument("--threads", type=positive_int, default=2,
+                   help="shards read, re-labelled and written in parallel (default: 2)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output with another config")
     add_storage_options(p, help='fsspec options as a JSON object, for input and output, e.g. '
                                 '\'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
 
 
 def config_from_args(args: argparse.Namespace) -> RelabelConfig:
+    """The config of parsed arguments. A value out of range (a namespace built without this parser's types) raises
+    :class:`jobs.args.UsageError` (exit 2), like argparse's own checks."""
     storage = storage_options(args.storage_options)
     if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     return RelabelConfig(input=args.input, output=args.output, vocabulary=args.vocabulary, top_k=args.top_k,
                          checkpoint=args.checkpoint, threads=args.threads, overwrite=args.overwrite,
                          storage_options=storage)
@@ -290,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_relabel(config_from_args(args))
         return 1 if summary.failed else 0
-    except ValueError as e:
+    except UsageError as e:
+        print(f"ovsam relabel: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
         print(f"ovsam relabel: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,4 +1,5 @@
-"""Record formats: Arrow schemas of the annotation output (see ``schemas.annotation``)."""
+"""Record formats: the Arrow schemas of the annotation output (``schemas.annotation``) and the training shard
+format (``schemas.training``). Imports nothing else of the project."""
 
 from .annotation import (IMAGES_SCHEMA, INSTANCES_SCHEMA, SCHEMA_VERSION, STATUSES, images_table, instances_table,
                          schema_metadata)

@@ -4,8 +4,10 @@ version regressions.
 Shards are paired by name and images by key. Within an image, instances are paired by their prompt first (the
 same prompt type, box and points, to 1e-3 pixels: sidecar, whole-image and grid prompts are the same in both
 runs), then what is left by mask IoU, greedily from the best pair down to ``min_iou`` (detector boxes move when
-the detector's numbers do). For the pairs the report gives label agreement, the distribution of mask IoU and the
-shift of ``label_score`` (B - A); it counts what only one run has, and lists the worst pairs.
+the detector's numbers do). Mask IoU is computed on the RLEs (no mask is decoded), for prompt pairs pair by pair
+and otherwise only between masks whose boxes overlap, so memory grows with neither the image size nor the square
+of the instance count. For the pairs the report gives label agreement, the distribution of mask IoU and the shift
+of ``label_score`` (B - A); it counts what only one run has, and lists the worst pairs.
 """
 
 from __future__ import annotations
@@ -40,21 +42,49 @@ def _rle(row: dict[str, Any]) -> dict[str, Any]:
     return {"size": [int(v) for v in row["mask_rle"]["size"]], "counts": row["mask_rle"]["counts"]}
 
 
-def _iou_matrix(a: list[dict], b: list[dict]) -> np.ndarray:
+def _one_size(rles: list[dict[str, Any]]) -> bool:
+    """Whether all masks have the same size (masks of different sizes are taken not to overlap)."""
+    return len({tuple(r["size"]) for r in rles}) <= 1
+
+
+def _pair_ious(ra: list[dict[str, Any]], rb: list[dict[str, Any]]) -> list[float]:
+    """Mask IoU of ``ra[n]`` and ``rb[n]`` for each ``n``, on the RLEs (pycocotools; no mask is decoded)."""
     from pycocotools import mask as mask_utils
 
-    if not a or not b:
-        return np.zeros((len(a), len(b)))
-    ra, rb = [_rle(r) for r in a], [_rle(r) for r in b]
-    sizes_a, sizes_b = {tuple(r["size"]) for r in ra}, {tuple(r["size"]) for r in rb}
-    if len(sizes_a | sizes_b) != 1:  # masks of different sizes do not overlap
-        return np.zeros((len(a), len(b)))
-    return np.asarray(mask_utils.iou(ra, rb, [0] * len(rb)), dtype=np.float64).reshape(len(a), len(b))
+    if not _one_size(ra + rb):
+        return [0.0] * len(ra)
+    return [float(mask_utils.iou([x], [y], [0])[0, 0]) for x, y in zip(ra, rb)]
+
+
+def _candidates(ra: list[dict[str, Any]], rb: list[dict[str, Any]], min_iou: float) -> list[tuple[float, int, int]]:
+    """``(iou, r, c)`` for the mask pairs with ``iou >= min_iou > 0``, computed on the RLEs only for pairs whose
+    tight boxes overlap (masks that share a pixel do; pycocotools skips the others the same way), one row of ``ra``
+    at a time: memory is the candidates plus a few ``len(rb)`` arrays, and no mask is decoded."""
+    from pycocotools import mask as mask_utils
+
+    if not ra or not rb or not _one_size(ra + rb):
+        return []
+    box_a = np.asarray(mask_utils.toBbox(ra), dtype=np.float64).reshape(-1, 4)
+    box_b = np.asarray(mask_utils.toBbox(rb), dtype=np.float64).reshape(-1, 4)
+    bx0, by0, bx1, by1 = box_b[:, 0], box_b[:, 1], box_b[:, 0] + box_b[:, 2], box_b[:, 1] + box_b[:, 3]
+    out = []
+    for r, (x, y, w, h) in enumerate(box_a.tolist()):
+        cs = np.flatnonzero((np.minimum(x + w, bx1) > np.maximum(x, bx0))
+                            & (np.minimum(y + h, by1) > np.maximum(y, by0)))
+        if cs.size:
+            ious = mask_utils.iou([ra[r]], [rb[c] for c in cs], [0] * len(cs)).reshape(-1)
+            out += [(float(v), r, int(c)) for v, c in zip(ious, cs) if v >= min_iou]
+    return out
 
 
 def pair_instances(a: list[dict], b: list[dict], min_iou: float = 0.5) -> tuple[list[tuple[int, int, float, str]],
                                                                                  list[int], list[int]]:
-    """Pairs ``(i, j, mask IoU, "prompt"|"mask")`` of one image's instance rows, and the unpaired indices."""
+    """Pairs ``(i, j, mask IoU, "prompt"|"mask")`` of one image's instance rows, and the unpaired indices.
+
+    Mask pairing is greedy: the candidate pairs by IoU, highest first (ties in row-major order), each taken unless
+    one side is taken already, down to ``min_iou``. IoUs are computed on the RLEs, pair by pair for the prompt pairs
+    and only for box-overlapping pairs for the rest, so memory stays ``O(len(a) + len(b) + candidates)`` however
+    large the image. With ``min_iou <= 0`` the pairs of zero IoU follow in row-major order."""
     pairs = []
     by_prompt: dict[tuple, list[int]] = {}
     for j, row in enumerate(b):
@@ -71,21 +101,26 @@ def pair_instances(a: list[dict], b: list[dict], min_iou: float = 0.5) -> tuple[
             left_a.append(i)
     left_b = [j for j in range(len(b)) if j not in used_b]
     if pairs:
-        ious = _iou_matrix([a[i] for i, _, _, _ in pairs], [b[j] for _, j, _, _ in pairs])
-        pairs = [(i, j, float(ious[n, n]), how) for n, (i, j, _, how) in enumerate(pairs)]
+        ious = _pair_ious([_rle(a[i]) for i, _, _, _ in pairs], [_rle(b[j]) for _, j, _, _ in pairs])
+        pairs = [(i, j, iou, how) for (i, j, _, how), iou in zip(pairs, ious)]
     if left_a and left_b:
-        m = _iou_matrix([a[i] for i in left_a], [b[j] for j in left_b])
+        found = _candidates([_rle(a[i]) for i in left_a], [_rle(b[j]) for j in left_b], max(min_iou, 1e-300))
+        found.sort(key=lambda t: (-t[0], t[1], t[2]))
         taken_a: set[int] = set()
         taken_b: set[int] = set()
-        for flat in np.argsort(-m, axis=None, kind="stable"):
-            r, c = divmod(int(flat), m.shape[1])
-            if m[r, c] < min_iou:
-                break
+        for iou, r, c in found:
             if r in taken_a or c in taken_b:
                 continue
             taken_a.add(r)
             taken_b.add(c)
-            pairs.append((left_a[r], left_b[c], float(m[r, c]), "mask"))
+            pairs.append((left_a[r], left_b[c], iou, "mask"))
+        if min_iou <= 0:  # every remaining pair qualifies: their IoU is 0, so row-major order
+            for r in range(len(left_a)):
+                for c in range(len(left_b)):
+                    if r not in taken_a and c not in taken_b:
+                        taken_a.add(r)
+                        taken_b.add(c)
+                        pairs.append((left_a[r], left_b[c], 0.0, "mask"))
         left_a = [i for n, i in enumerate(left_a) if n not in taken_a]
         left_b = [j for n, j in enumerate(left_b) if n not in taken_b]
     return pairs, left_a, left_b

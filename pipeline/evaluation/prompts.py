@@ -18,7 +18,7 @@ import posixpath
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,8 +71,7 @@ class EvalPromptsConfig:
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
 
     HASHED = ("model", "checkpoint", "vocabulary", "shards", "gt", "images", "prompts", "published_point_boxes",
-              "images_per_unit",
-              "limit", "precision")
+              "images_per_unit", "limit", "precision")
 
     def hashed(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,8 +90,8 @@ class Unit:
     image_ids: tuple[int, ...] = ()
 
 
-def plan_units(cfg: EvalPromptsConfig) -> list[Unit]:
-    """The evaluation set's units, in order."""
+def plan_units(cfg: EvalPromptsConfig, gt: Any = None) -> list[Unit]:
+    """The evaluation set's units, in order; ``gt``: the ground truth of ``cfg.gt`` if loaded already."""
     if bool(cfg.shards) == bool(cfg.gt):
         raise ValueError("give the evaluation set as --shards URLS or as --gt instances.json --images DIR")
     if cfg.shards:
@@ -108,7 +107,7 @@ def plan_units(cfg: EvalPromptsConfig) -> list[Unit]:
         return units
     if not cfg.images:
         raise ValueError("--gt needs --images DIR: the directory the ground truth's file_name entries are relative to")
-    gt = load_gt(cfg.gt, cfg.storage_options)
+    gt = load_gt(cfg.gt, cfg.storage_options) if gt is None else gt
     ids = sorted(int(i) for i in gt.imgs)
     if cfg.limit is not None:
         ids = ids[: cfg.limit]
@@ -263,23 +262,23 @@ class _Details:
 
 
 class UnitEvaluator:
-    """Holds the model and vocabulary; evaluates units and writes their results (hosted in Ray actors)."""
+    """Holds the model and vocabulary; evaluates units and writes their results (hosted in Ray actors). ``gt``: the
+    ground truth of ``cfg.gt`` if loaded already (in this process), else it is loaded here."""
 
-    def __init__(self, cfg: EvalPromptsConfig) -> None:
+    def __init__(self, cfg: EvalPromptsConfig, gt: Any = None) -> None:
+        import torch
+
         import ovsam
         from ovsam.runtime import keep_freed_memory
+        from pipeline.annotate.worker import resolve_device
 
         keep_freed_memory()
         self.cfg = cfg
-        import torch
-
-        from pipeline.annotate.worker import resolve_device
-
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         self.model = ovsam.build_ovsam(cfg.model, checkpoint=cfg.checkpoint, device=resolve_device(device),
                                        precision=cfg.precision).eval()
         self.vocabulary = resolve_vocabulary(cfg, self.model)
-        self._gt = load_gt(cfg.gt, cfg.storage_options) if cfg.gt else None
+        self._gt = gt if gt is not None or not cfg.gt else load_gt(cfg.gt, cfg.storage_options)
 
     def evaluate(self, unit: Unit) -> dict[str, Any]:
         """The unit's sums per prompt type, written to ``OUT/units/<unit>.json``; returns that record."""
@@ -404,13 +403,16 @@ def summarise(units: list[Unit], results: dict[str, dict[str, Any]], prompts: tu
     return out
 
 
-def run_eval_prompts(cfg: EvalPromptsConfig, *, overwrite: bool = False, progress: Any = print) -> dict[str, Any]:
+def run_eval_prompts(cfg: EvalPromptsConfig, *, overwrite: bool = False, progress: Any = print,
+                     units: list[Unit] | None = None) -> dict[str, Any]:
     """Evaluate every unit not done yet (on Ray actors, or here with ``workers == 0``), then summarise; writes
-    ``OUT/summary.json`` and returns the summary."""
+    ``OUT/summary.json`` and returns the summary. ``units``: ``plan_units(cfg)`` if the caller has it already. The
+    ground truth of ``cfg.gt`` is read once here (Ray actors read their own)."""
     for p in cfg.prompts:
         if p not in PROMPTS:
             raise ValueError(f"--prompt: unknown prompt type {p!r} (choose from {', '.join(PROMPTS)})")
-    units = plan_units(cfg)
+    gt = load_gt(cfg.gt, cfg.storage_options) if cfg.gt else None
+    units = plan_units(cfg, gt) if units is None else units
     check_output(cfg, overwrite)
     results = done_units(cfg)
     todo = [u for u in units if u.name not in results]
@@ -418,7 +420,7 @@ def run_eval_prompts(cfg: EvalPromptsConfig, *, overwrite: bool = False, progres
         progress(f"[eval] resuming: {len(results)} of {len(units)} units done")
     if todo:
         if cfg.workers == 0:
-            evaluator = UnitEvaluator(cfg)
+            evaluator = UnitEvaluator(cfg, gt)
             for n, unit in enumerate(todo, 1):
                 results[unit.name] = evaluator.evaluate(unit)
                 progress(f"[eval] unit {unit.name} done ({len(results)}/{len(units)})")
@@ -426,7 +428,7 @@ def run_eval_prompts(cfg: EvalPromptsConfig, *, overwrite: bool = False, progres
             results.update(_run_on_ray(cfg, todo, len(units), len(results), progress))
     summary = summarise(units, results, cfg.prompts)
     summary["config"] = cfg.hashed()
-    dataset = known_set(load_gt(cfg.gt, cfg.storage_options)) if cfg.gt else None
+    dataset = known_set(gt) if gt is not None else None
     if dataset is not None:
         summary["dataset"] = dataset
         summary["paper"] = PAPER_TABLE1[dataset]
@@ -449,8 +451,6 @@ def _run_on_ray(cfg: EvalPromptsConfig, todo: list[Unit], total: int, done: int,
     actor = ray.remote(UnitEvaluator).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, runtime_env=env,
                                               max_restarts=-1, max_task_retries=-1)
     device = "cuda" if plan.num_gpus > 0 else "cpu"
-    from dataclasses import replace
-
     workers = [actor.remote(replace(cfg, device=device)) for _ in range(n)]
     pool = ray.util.ActorPool(workers)
     results = {}

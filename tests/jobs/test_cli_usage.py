@@ -1,5 +1,6 @@
 """Invalid invocations: each exits 2 (1 for a failure found at run time) with a message naming the option, writes
-nothing, and leaves the output usable for the corrected command."""
+nothing, starts no Ray, and leaves the output usable for the corrected command. Inputs that do not expand (a glob that
+matches nothing, a bad brace range, a shard or list file that does not exist) are usage errors too."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as e:  # argparse's usage errors
         rc = int(e.code)
     return rc, capsys.readouterr().err
+
+
+@pytest.fixture()
+def no_ray(monkeypatch) -> None:
+    """Starting Ray, or handing shards to its workers, fails the test."""
+    import ray
+
+    import pipeline.annotate.run as run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a usage error must be found before Ray starts")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(run, "run_shards", refuse)
 
 
 @pytest.fixture()
@@ -63,23 +78,29 @@ ANNOTATE_CASES = [
     (["--storage-options", "{bad"], 2, "--storage-options"),
     (["--storage-options", "[1]"], 2, "--storage-options"),
     (["--output", "{file}"], 2, "--output"),
-    (["--input", "{missing}"], 1, "--input"),
+    (["--input", "{missing}"], 2, "--input"),
+    (["--input", "{nomatch}"], 2, "--input"),
+    (["--input", "{badbrace}"], 2, "--input"),
+    (["--input", "{missing_list}"], 2, "--input"),
+    (["--input", "{missing_csv}"], 2, "--input"),
     (["--images-per-shard", "0"], 2, "--images-per-shard"),
-    (["--input", "{list}"], 1, "--url-column"),
+    (["--input", "{list}"], 2, "--url-column"),
     (["--vocabulary", "{missing_vocab}"], 2, "--vocabulary"),
 ]
 
 
 @pytest.mark.parametrize(("extra", "code", "names"), ANNOTATE_CASES, ids=[" ".join(c[0]) for c in ANNOTATE_CASES])
-def test_invalid_annotate_writes_nothing_and_the_corrected_run_proceeds(tmp_path, shard, capsys, extra, code,
-                                                                         names):
+def test_invalid_annotate_writes_nothing_and_the_corrected_run_proceeds(tmp_path, shard, capsys, no_ray, extra,
+                                                                         code, names):
     out = tmp_path / "out"
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
     url_list = tmp_path / "images.csv"
     url_list.write_text("path\nphoto.jpg\n")
     fill = {"{missing}": str(tmp_path / "missing.pt"), "{file}": str(a_file), "{list}": str(url_list),
-            "{missing_vocab}": str(tmp_path / "classes.txt")}
+            "{missing_vocab}": str(tmp_path / "classes.txt"), "{nomatch}": str(tmp_path / "nothing-*.tar"),
+            "{badbrace}": str(tmp_path / "shard-{000000..}.tar"), "{missing_list}": str(tmp_path / "shards.txt"),
+            "{missing_csv}": str(tmp_path / "urls.csv")}
     extra = [fill.get(x, x) for x in extra]
     base = {"--input": str(shard), "--output": str(out), "--vocabulary": "coco"}
     for flag in ("--input", "--output", "--vocabulary"):
@@ -103,6 +124,9 @@ def test_invalid_annotate_writes_nothing_and_the_corrected_run_proceeds(tmp_path
     (["export-coco", "--input", "x", "-o", "y.json", "--storage-options", "[1]"], "--storage-options"),
     (["relabel", "--input", "x", "--output", "y", "--vocabulary", "coco", "--storage-options", "1"],
      "--storage-options"),
+    (["relabel", "--input", "x", "--output", "y", "--vocabulary", "coco", "--top-k", "0"], "--top-k"),
+    (["relabel", "--input", "x", "--output", "y", "--vocabulary", "coco", "--top-k", "-3"], "--top-k"),
+    (["relabel", "--input", "x", "--output", "y", "--vocabulary", "coco", "--threads", "0"], "--threads"),
     (["pack", "synthetic", "--kind", "box", "--num-train", "1", "--num-heldout", "1", "--output", "y",
       "--storage-options", "{bad"], "--storage-options"),
     (["annotate", "--input", "x", "--output", "y", "--no-such-flag"], "--no-such-flag"),
@@ -119,6 +143,81 @@ def test_other_invalid_values_exit_2(tmp_path, capsys, monkeypatch, argv, names)
     rc, err = _run(argv, capsys)
     assert rc == 2 and names in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_relabel_range_errors_exit_2_by_every_entry_point(tmp_path, capsys, monkeypatch):
+    """``python -m jobs.relabel`` exits 2 like ``ovsam relabel``; a namespace built without the parser (a
+    programmatic caller) gets the same check from ``config_from_args``, as a usage error."""
+    import argparse
+
+    from jobs import relabel
+    from jobs.args import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    for top_k in ("0", "-1"):
+        rc, err = _run_main(relabel.main, ["--input", "x", "--output", "y", "--vocabulary", "coco", "--top-k",
+                                           top_k], capsys)
+        assert rc == 2 and "--top-k" in err and "Traceback" not in err, err
+    args = argparse.Namespace(input="x", output="y", vocabulary="coco", top_k=0, checkpoint=None, threads=2,
+                              overwrite=False, storage_options={})
+    with pytest.raises(UsageError, match="--top-k must be >= 1, got 0"):
+        relabel.config_from_args(args)
+    assert relabel.config_from_args(argparse.Namespace(**{**vars(args), "top_k": 1})).top_k == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run_main(main_fn, argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        rc = main_fn(argv)
+    except SystemExit as e:
+        rc = int(e.code)
+    return rc, capsys.readouterr().err
+
+
+def test_annotate_input_glob_matching_nothing_is_a_usage_error(tmp_path, capsys, no_ray):
+    """The job's own entry point (``python -m jobs.annotate``) and ``ovsam annotate`` exit 2 with argparse's kind of
+    message, write nothing and start no Ray."""
+    from jobs import annotate
+
+    out = tmp_path / "out"
+    spec = str(tmp_path / "nothing-*.tar")
+    for entry, argv, prog in ((main, ["annotate"], "ovsam annotate"), (annotate.main, [], "ovsam annotate")):
+        rc, err = _run_main(entry, [*argv, "--input", spec, "--output", str(out)], capsys)
+        assert rc == 2, err
+        assert err.startswith(f"{prog}: error: ") and "nothing-*.tar" in err and "matched no" in err, err
+        assert not out.exists()
+
+
+@pytest.fixture()
+def annotated_output(tmp_path: Path) -> Path:
+    """An output root with a run.json (all that the checks of --shards read)."""
+    import fsspec
+
+    from pipeline.annotate.ledger import write_run_json
+
+    out = tmp_path / "ann"
+    write_run_json(fsspec.filesystem("file"), str(out), {"config_hash": "h", "config": {"inputs": ["x.tar"]}})
+    return out
+
+
+@pytest.mark.parametrize("spec", ["nothing-*.tar", "shard-{000..}.tar", "shards.txt"])
+@pytest.mark.parametrize("command", ["show", "export", "eval coco", "eval compare", "eval prompts"])
+def test_shards_that_do_not_expand_exit_2(tmp_path, annotated_output, capsys, monkeypatch, no_ray, command, spec):
+    """``--shards`` of the commands that read annotated images again (show, export, eval coco/compare's report)
+    and of eval prompts' packed set: a spec that does not expand is a usage error, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    out = str(annotated_output)
+    shards = ["--shards", str(tmp_path / spec)]
+    argv = {"show": ["show", "--input", out, "--output", "overlays", *shards],
+            "export": ["export", "--input", out, "-o", "coco.json", "--images-dir", "images", *shards],
+            "eval coco": ["eval", "coco", "--gt", "gt.json", "--pred", out, "--report", "rep", *shards],
+            "eval compare": ["eval", "compare", out, out, "--report", "rep", *shards],
+            "eval prompts": ["eval", "prompts", "--output", "ev", *shards]}[command]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, err = _run(argv, capsys)
+    assert rc == 2 and "--shards" in err and "Traceback" not in err, err
+    assert err.startswith(f"ovsam {command.split()[0]}: error: "), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "a usage error writes nothing"
 
 
 def test_verbose_after_the_subcommand(capsys):

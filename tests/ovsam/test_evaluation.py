@@ -76,6 +76,123 @@ def test_center_points_follow_the_published_procedure(input_size):
     np.testing.assert_array_equal(got, want)
 
 
+def _independent_distance(mask: np.ndarray, metric: str) -> np.ndarray:
+    """OpenCV's exact distance of each pixel to the nearest background pixel, with the published procedure's pixel
+    of background padding (``DIST_C``: chessboard; ``DIST_L2`` with ``DIST_MASK_PRECISE``: Euclidean)."""
+    import cv2
+
+    padded = np.pad(mask.astype(np.uint8), 1)
+    if metric == "chessboard":
+        dist = cv2.distanceTransform(padded, cv2.DIST_C, 3)
+    else:
+        dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return dist[1:-1, 1:-1]
+
+
+def _shapes(h: int = 40, w: int = 56) -> list[np.ndarray]:
+    """Random blobs (one to three ellipses, some cut by the border), rectangles (some on the border), thin shapes
+    (1-3 px lines, a ring) and polygons."""
+    import cv2
+
+    rng = np.random.default_rng(5)
+    out = []
+    for n in range(20):
+        m = np.zeros((h, w), dtype=np.uint8)
+        kind = n % 5
+        if kind == 0:
+            for _ in range(int(rng.integers(1, 4))):
+                cv2.ellipse(m, (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                            (int(rng.integers(2, 24)), int(rng.integers(2, 16))), float(rng.uniform(0, 180)), 0, 360,
+                            1, -1)
+        elif kind == 1:
+            y0, x0 = int(rng.integers(-4, h - 2)), int(rng.integers(-4, w - 2))
+            m[max(y0, 0):y0 + int(rng.integers(3, h)), max(x0, 0):x0 + int(rng.integers(3, w))] = 1
+        elif kind == 2:
+            for _ in range(int(rng.integers(1, 3))):
+                cv2.line(m, (int(rng.integers(0, w)), int(rng.integers(0, h))),
+                         (int(rng.integers(0, w)), int(rng.integers(0, h))), 1, int(rng.integers(1, 4)))
+        elif kind == 3:
+            cv2.fillPoly(m, [rng.integers(0, [w, h], size=(int(rng.integers(3, 7)), 2)).astype(np.int32)], 1)
+        else:
+            centre, r = (int(rng.integers(8, w - 8)), int(rng.integers(8, h - 8))), int(rng.integers(6, 16))
+            cv2.circle(m, centre, r, 1, -1)
+            cv2.circle(m, centre, r - int(rng.integers(1, 4)), 0, -1)
+        if m.any():
+            out.append(m.astype(bool))
+    return out
+
+
+def _in_input_frame(masks: np.ndarray, points: np.ndarray, input_size: tuple[int, int] | None):
+    """The masks resized to the input frame (nearest neighbour, as the procedure's step 1) and the points there."""
+    import cv2
+
+    n, h, w = masks.shape
+    nh, nw = input_size or (h, w)
+    resized = [m if (nh, nw) == (h, w) else
+               cv2.resize(m.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST).astype(bool) for m in masks]
+    pixels = np.rint(points * [nw / w, nh / h]).astype(int)
+    np.testing.assert_allclose(pixels, points * [nw / w, nh / h], atol=1e-9)  # whole pixels of the input frame
+    return resized, pixels
+
+
+@pytest.mark.parametrize("input_size", [None, (60, 84)])
+def test_center_points_are_maxima_of_an_exact_chessboard_distance(input_size):
+    """Parity with an independent transform. kornia's cascade (``kernel_size=3``, ``h=0.35``) grows the background
+    one 3x3 ring per step, so its distance is the ring's index (the chessboard distance) minus 1 plus a soft minimum
+    over the neighbours reached the step before: between 0.42 (all eight) and sqrt(2) (one diagonal), i.e. within
+    [-0.58, +0.42] of OpenCV's exact ``DIST_C``. That spread is under 1, so the chosen point is always a maximum of
+    the exact chessboard distance: on blobs, rectangles on the border, thin lines, rings and polygons, in the
+    masks' own frame and in a larger input frame."""
+    import kornia
+
+    masks = np.stack(_shapes())
+    resized, pixels = _in_input_frame(masks, E.center_points(masks, input_size), input_size)
+    for m, (x, y) in zip(resized, pixels):
+        exact = _independent_distance(m, "chessboard")
+        assert m[y, x] and exact[y, x] == exact.max(), (x, y, exact[y, x], exact.max())
+    for m in resized[:5]:
+        padded = torch.from_numpy(1.0 - np.pad(m, 1).astype(np.float32))[None, None]
+        approx = kornia.contrib.distance_transform(padded)[0, 0, 1:-1, 1:-1].numpy()
+        diff = (approx - _independent_distance(m, "chessboard"))[m]
+        assert -0.6 < diff.min() and diff.max() < 0.45, (diff.min(), diff.max())
+
+
+def test_center_points_against_an_exact_euclidean_distance():
+    """OpenCV's exact Euclidean transform (``DIST_L2``, ``DIST_MASK_PRECISE``): where its maximum is one
+    well-separated pixel (discs, odd squares, an odd square on the border) the point is that pixel. Elsewhere the
+    point is a chessboard maximum (above), whose Euclidean distance is at least the Euclidean maximum over sqrt(2),
+    and no closer bound holds: a disc of radius 16 beside a 27 px square gets the square's centre, more than a
+    pixel short of the disc's."""
+    import cv2
+
+    unique = []
+    for r, (cx, cy) in ((3, (10, 9)), (7, (25, 19)), (12, (30, 20))):
+        m = np.zeros((40, 56), dtype=np.uint8)
+        cv2.circle(m, (cx, cy), r, 1, -1)
+        unique.append(m.astype(bool))
+    for side, (x0, y0) in ((5, (3, 4)), (9, (20, 11)), (15, (30, 20)), (9, (0, 0)), (11, (45, 29))):
+        m = np.zeros((40, 56), dtype=bool)
+        m[y0:y0 + side, x0:x0 + side] = True
+        unique.append(m)
+    for m, (x, y) in zip(unique, E.center_points(np.stack(unique)).astype(int)):
+        exact = _independent_distance(m, "euclidean")
+        top = np.argwhere(exact >= exact.max() - 0.5)
+        assert len(top) == 1, top  # one maximum, at least half a pixel above the next
+        assert (y, x) == tuple(top[0])
+
+    masks = np.stack(_shapes())
+    for m, (x, y) in zip(masks, E.center_points(masks).astype(int)):
+        exact = _independent_distance(m, "euclidean")
+        assert m[y, x] and exact[y, x] >= exact.max() / np.sqrt(2) - 1e-4, (x, y, exact[y, x], exact.max())
+
+    m = np.zeros((40, 80), dtype=np.uint8)
+    cv2.circle(m, (18, 20), 16, 1, -1)
+    m[7:34, 45:72] = 1
+    [(x, y)] = E.center_points(m[None].astype(bool)).astype(int)
+    exact = _independent_distance(m.astype(bool), "euclidean")
+    assert (x, y) == (58, 20) and exact[20, 18] == exact.max() and exact.max() - exact[y, x] > 1
+
+
 def test_instance_metric_micro_averages_and_split():
     metric = E.InstanceMetric()
     split = np.array([1, 1, 2])  # classes 0, 1 base; class 2 novel

@@ -147,3 +147,110 @@ def test_two_real_runs_fp32_against_itself_and_bf16(tmp_path) -> None:
     assert main(["eval", "compare", str(outs["a"]), str(outs["c"]), "--report", str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "index.html").read_text()
     assert page.count('<img class="case"') == 12 + 12 - round(12 * other["label_agreement"])
+
+
+def _brute_force(a, b, min_iou):
+    """The pairing restated on dense masks: prompt pairs in order, then a full IoU matrix of what is left, taken
+    greedily from the highest IoU down (ties in row-major order) to ``min_iou``."""
+    from pipeline.evaluation.compare import _prompt_key
+
+    def dense(row):
+        return mask_utils.decode(row["mask_rle"]).astype(bool)
+
+    def iou(x, y):
+        return float(np.logical_and(x, y).sum() / np.logical_or(x, y).sum()) if np.logical_or(x, y).any() else 0.0
+
+    pairs, left_a, free_b = [], [], list(range(len(b)))
+    for i, row in enumerate(a):
+        j = next((j for j in free_b if _prompt_key(b[j]) == _prompt_key(row)), None)
+        if j is None:
+            left_a.append(i)
+        else:
+            free_b.remove(j)
+            pairs.append((i, j, iou(dense(row), dense(b[j])), "prompt"))
+    m = np.array([[iou(dense(a[i]), dense(b[j])) for j in free_b] for i in left_a]).reshape(len(left_a), len(free_b))
+    taken_a, taken_b = set(), set()
+    for flat in np.argsort(-m, axis=None, kind="stable"):
+        r, c = divmod(int(flat), m.shape[1])
+        if m[r, c] < min_iou:
+            break
+        if r not in taken_a and c not in taken_b:
+            taken_a.add(r)
+            taken_b.add(c)
+            pairs.append((left_a[r], free_b[c], float(m[r, c]), "mask"))
+    return (pairs, [i for n, i in enumerate(left_a) if n not in taken_a],
+            [j for n, j in enumerate(free_b) if n not in taken_b])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode under numpy 2
+@pytest.mark.parametrize("min_iou", [0.5, 0.2, 1e-9])
+def test_pairing_equals_a_brute_force_dense_computation(min_iou) -> None:
+    """Random overlapping rectangles (with repeated masks, so IoU ties, empty masks and shared prompts): the same
+    pairs, the same IoUs to the last bit and the same leftovers as the dense restatement."""
+    rng = np.random.default_rng(7)
+    h, w = 24, 32
+
+    def rows(n, key_offset):
+        out = []
+        for j in range(n):
+            y0, x0 = int(rng.integers(0, h - 2)), int(rng.integers(0, w - 2))
+            m = _mask(h, w, y0, y0 + int(rng.integers(1, 12)), x0, x0 + int(rng.integers(1, 14)))
+            if j % 9 == 8:
+                m[:] = False  # an empty mask
+            box = [float(rng.integers(0, 3)) + key_offset] * 4 if j % 3 == 0 else None
+            row = _row("k", j, m if m.any() else _mask(h, w, 0, 1, 0, 1), "cat", 0.5, box=box)
+            if not m.any():
+                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                row["mask_rle"] = {"size": [h, w], "counts": rle["counts"].decode()}
+            out.append(row)
+        return out
+
+    for trial in range(6):
+        a = rows(int(rng.integers(0, 30)), 0.0)
+        b = rows(int(rng.integers(0, 30)), 0.0)
+        b += [dict(r, instance_index=len(b) + n) for n, r in enumerate(a[:3])]  # identical masks: IoU ties
+        got = pair_instances(a, b, min_iou)
+        want = _brute_force(a, b, min_iou)
+        assert got == want, trial
+
+
+def test_pairing_on_a_large_image_needs_no_dense_masks_and_no_square_matrices() -> None:
+    """8000x6000 with 1000 instances a side (600 paired by prompt, 400 left for mask IoU): quick, and the Python
+    heap (numpy included) peaks far below one decoded mask (48 MB) and below the square IoU matrices the pairing
+    used to build (600 x 600 for the prompt pairs' diagonal and 400 x 400 for the rest: 4.4 MB at their peak);
+    what is left grows linearly with the instances (about 0.8 kB each)."""
+    import time
+    import tracemalloc
+
+    h, w = 6000, 8000
+    rng = np.random.default_rng(1)
+
+    def row(j, x, y, bw, bh, prompt):
+        [rle] = mask_utils.frPyObjects(np.array([[x, y, bw, bh]], dtype=np.float64), h, w)
+        return {"image_key": "k", "instance_index": j, "prompt_type": "box", "prompt_box_xyxy": prompt,
+                "prompt_points": None, "mask_rle": {"size": [h, w], "counts": rle["counts"].decode()},
+                "label_name": "cat", "label_score": 0.5}
+
+    a, b = [], []
+    for j in range(1000):
+        x, y = float(rng.integers(0, w - 400)), float(rng.integers(0, h - 400))
+        bw, bh = float(rng.integers(20, 400)), float(rng.integers(20, 400))
+        prompt = [float(j), 0.0, 0.0, 0.0]
+        a.append(row(j, x, y, bw, bh, prompt))
+        # B: the same box shifted by a few pixels; the last 400 under another prompt (paired by mask IoU)
+        b.append(row(j, x + float(rng.integers(0, 4)), y, bw, bh, prompt if j < 600 else [float(j), 1.0, 0.0, 0.0]))
+    t0 = time.perf_counter()
+    tracemalloc.start()
+    try:
+        pairs, left_a, left_b = pair_instances(a, b, 0.5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - t0
+    assert sum(how == "prompt" for *_, how in pairs) == 600
+    assert len(pairs) == 1000 and not left_a and not left_b  # rectangles shifted < 4 px of >= 20: IoU > 0.5
+    assert all(i == j for i, j, _, _ in pairs)
+    for i, j, iou, _ in pairs[::50]:
+        assert iou == float(mask_utils.iou([a[i]["mask_rle"]], [b[j]["mask_rle"]], [0])[0, 0])
+    assert peak < 2_000_000, peak
+    assert seconds < 30, seconds

@@ -206,6 +206,26 @@ def test_killed_evaluation_resumes_to_the_same_result(coco_set, local_run, tmp_p
                                                                    rel=1e-9, abs=1e-9)
 
 
+def test_the_ground_truth_is_read_once(coco_set, tmp_path, monkeypatch) -> None:
+    """An in-process run reads the ground-truth JSON once: for the units, the evaluator and the known-set check
+    (``known_set``) alike; a resumed run with nothing left to do reads it once too."""
+    import pipeline.evaluation.coco as coco
+
+    loads = []
+    load = coco.load_gt
+
+    def counted(url, storage_options=None):
+        loads.append(url)
+        return load(url, storage_options)
+
+    monkeypatch.setattr(coco, "load_gt", counted)
+    cfg = _config(coco_set, tmp_path / "once", workers=0, prompts=("box",), limit=2)
+    summary = run_eval_prompts(cfg, progress=lambda *_: None)
+    assert loads == [str(coco_set["gt"])] and summary["units"] == 1
+    run_eval_prompts(cfg, progress=lambda *_: None)
+    assert len(loads) == 2
+
+
 def test_another_configuration_in_the_same_output_is_refused(coco_set, local_run) -> None:
     out = coco_set["root"] / "local"
     with pytest.raises(ValueError, match="another configuration.*prompts"):
