@@ -5,16 +5,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ovsam-installed
+TORCH := 2.14.1
+TORCHVISION := 0.29.1
 
 .PHONY: install demo test test-all clean
 
 # torch goes in first, alone and with the exact pins, so that pip picks that build (on the project's machines it
-# lies on local disk) before anything else can ask for another.
+# lies on local disk) before anything else can ask for another. Each step says what it does; pip itself is quiet.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[all]"
-	touch $(STAMP)
+	@test -x $(PY) || { echo "creating the virtual environment $(VENV)..." && $(PYTHON) -m venv $(VENV); }
+	@echo "installing torch $(TORCH) and torchvision $(TORCHVISION) into $(VENV) (a few minutes on the first run)..."
+	@$(PY) -m pip install --quiet "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
+	@echo "installing the project with its dependencies and extras (pip install -e '.[all]')..."
+	@$(PY) -m pip install --quiet -e ".[all]"
+	@touch $(STAMP)
+	@echo "installed; $(VENV) is ready"
 
 install: $(STAMP)
 

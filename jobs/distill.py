@@ -26,7 +26,16 @@ over their first 5 % instead. The neck's fixed positional embedding is copied fr
 agree (SAM ViT-H -> ovsam-rn50x16), as published.
 
 Ray Train workers (``--num-workers``; gloo on CPU, NCCL with ``--use-gpu``) each read their share of the shards and
-average gradients; rank 0 logs the loss, lr, gradient norm and images/s every ``--log-every`` steps, and every
+average gradients. While it trains, the command prints a progress line at least every ``--progress-every`` seconds
+(default 30; also at the first and the last step) and each held-out MSE as it is measured::
+
+    [distill] step 120/1000 (12%)  loss 0.0123  9.8 images/s  elapsed 1m04s  ETA 7m30s
+    [distill] step 500: held-out MSE 0.004417, 41.3% below step 0's (6 s)
+
+(the loss is the workers' mean over the steps since the previous line; rank 0 sends the lines to the driver, which
+prints them); ``-q`` turns them off, errors and the summary still print; ``--dump-teacher`` prints a line per
+committed shard. Rank 0 also logs (at INFO: ``ovsam -v distill``) the loss, lr, gradient norm and images/s every
+``--log-every`` steps, and every
 ``--report-every`` steps a report to Ray Train carries each step's loss since the previous report (Ray Train 2.60's
 controller collects one report per worker about every 2 s, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, and a report
 blocks until the previous one was collected, so reporting every short step would stall training). The held-out MSE
@@ -51,9 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.args import add_storage_options, storage_options
-from jobs.distill_loop import (RELEASED_DIR, STUDENT_FILE, DistillConfig, InjectedFailure, load_clip_weights,
-                               optim_config, train_loop)
+from jobs.args import add_storage_options, float_in, storage_options
+from jobs.progress import duration, print_line
+from jobs.distill_loop import (DEFAULT_PROGRESS_EVERY, RELEASED_DIR, STUDENT_FILE, DistillConfig, InjectedFailure,
+                               load_clip_weights, optim_config, train_loop)
 
 __all__ = ["DistillConfig", "DistillSummary", "DumpConfig", "InjectedFailure", "add_arguments", "config_from_args",
            "load_clip_weights", "main", "optim_config", "plan_distill", "run", "run_distill", "run_dump",
@@ -76,6 +86,7 @@ class DumpConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     ray_address: str | None = None
+    quiet: bool = False  # no line per committed shard
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -221,11 +232,17 @@ class DistillSummary:
 
 
 def run_distill(cfg: DistillConfig) -> DistillSummary:
-    """Plan, train on Ray Train, then copy the student and its released neck out of the final checkpoint."""
+    """Plan, train on Ray Train, then copy the student and its released neck out of the final checkpoint. Prints
+    progress lines as the run goes, unless ``cfg.quiet``."""
     from jobs.trainer import TrainerConfig, launch
 
     start = time.perf_counter()
     plan = plan_distill(cfg)
+    show = None if cfg.quiet else print_line
+    if show:
+        show(f"[distill] starting {cfg.num_workers} Ray Train worker(s) for run {cfg.name!r} "
+             f"({len(plan['train_urls'])} training shard(s), {len(plan['heldout_urls'])} held-out; checkpoints "
+             f"under {cfg.storage_path})")
     if cfg.ray_address is not None:
         import ray
 
@@ -234,7 +251,7 @@ def run_distill(cfg: DistillConfig) -> DistillSummary:
                                 use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
                                 max_failures=cfg.max_failures, num_to_keep=cfg.num_to_keep,
                                 storage_options=cfg.storage_options)
-    result = launch(train_loop, {"config": cfg, "plan": plan}, trainer_cfg)
+    result = launch(train_loop, {"config": cfg, "plan": plan}, trainer_cfg, on_progress=show)
     metrics = dict(result.metrics or {})
     if result.checkpoint is None or not metrics.get("done"):
         raise ValueError(f"run '{cfg.name}' ended without its final checkpoint (last metrics: {metrics})")
@@ -298,11 +315,25 @@ def run_dump(cfg: DumpConfig) -> dict:
     logger.info("teacher dump: %d shard(s), %d already committed, %d to do", len(shards), len(shards) - len(todo),
                 len(todo))
     results = []
+
+    def committed_line(result: Any) -> None:
+        if cfg.quiet:
+            return
+        elapsed = time.perf_counter() - start
+        eta = (len(todo) - len(results)) * elapsed / len(results)
+        print_line(f"[distill] teacher dump: shard {len(results)}/{len(todo)} committed ({result.name}, "
+                   f"{result.num_samples} samples in {result.seconds:.1f} s)  elapsed {duration(elapsed)}  "
+                   f"ETA {duration(eta)}")
+
+    if todo and not cfg.quiet:
+        print_line(f"[distill] teacher dump: {len(todo)} shard(s) to do, {len(shards) - len(todo)} already "
+                   f"committed; {teacher.name} on {max(cfg.num_workers, 1)} worker(s)")
     if todo and cfg.num_workers == 0:
         worker = _DumpWorker(cfg, spec.to_dict())
         for shard in todo:
             results.append(worker.dump(shard))
             write_index(cfg.output, cfg.storage_options)
+            committed_line(results[-1])
     elif todo:
         import ray
         from ray.util import ActorPool
@@ -316,6 +347,7 @@ def run_dump(cfg: DumpConfig) -> dict:
             results.append(result)
             write_index(cfg.output, cfg.storage_options)
             logger.info("committed %s: %d samples in %.1f s", result.name, result.num_samples, result.seconds)
+            committed_line(result)
         for a in actors:
             ray.kill(a)
     index = write_index(cfg.output, cfg.storage_options)
@@ -352,10 +384,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear warm-up steps (default: 500, or 5%% of runs under 10,000 steps)")
     p.add_argument("--eval-every", type=int, default=500, help="held-out MSE every N steps (0: start and end only)")
     p.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="rank 0 logs the training loss every N steps (at INFO: `ovsam -v distill`; default: 10)")
     p.add_argument("--report-every", type=int, default=20,
                    help="report metrics to Ray Train every N steps, each report carrying the per-step losses since "
                         "the previous one (default: 20; Ray Train 2.60 takes about one report per 2 s)")
+    p.add_argument("--progress-every", type=float_in(0.0), default=DEFAULT_PROGRESS_EVERY, metavar="SECONDS",
+                   help=f"seconds between progress lines while training (step/total, loss, images/s, elapsed, ETA; "
+                        f"also at the first and last step, and each held-out MSE; 0 = every step; default "
+                        f"{DEFAULT_PROGRESS_EVERY:g})")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines, and no line per shard of --dump-teacher (errors and the final summary "
+                        "still print)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="samples held for shuffling per loader")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per training worker")
@@ -385,14 +425,15 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig | DumpConfig:
         return DumpConfig(inputs=tuple(args.inputs), output=args.output, teacher=args.teacher,
                           teacher_checkpoint=args.teacher_checkpoint, batch_size=args.batch_size or 8,
                           num_workers=1 if args.num_workers is None else args.num_workers, use_gpu=args.use_gpu,
-                          cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address, storage_options=storage)
+                          cpus_per_worker=args.cpus_per_worker, ray_address=args.ray_address, quiet=args.quiet,
+                          storage_options=storage)
     return DistillConfig(
         student=args.student, student_checkpoint=args.student_checkpoint, student_clip=args.student_clip,
         teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint, inputs=tuple(args.inputs),
         teacher_cache=args.teacher_cache, heldout=tuple(args.heldout), heldout_cache=args.heldout_cache,
         steps=args.steps, batch_size=args.batch_size or 2, lr=args.lr, warmup_steps=args.warmup_steps,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        report_every=args.report_every, seed=args.seed,
+        report_every=args.report_every, progress_every=args.progress_every, quiet=args.quiet, seed=args.seed,
         shuffle_buffer=args.shuffle_buffer, loader_workers=args.loader_workers, name=args.name,
         storage_path=args.storage_path, num_workers=2 if args.num_workers is None else args.num_workers,
         use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
@@ -424,8 +465,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ovsam distill", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (as `ovsam -v distill`)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # as `ovsam distill`: warnings and errors (-v: info); the progress lines and the summary are printed
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     return run(args)
 
 

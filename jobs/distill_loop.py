@@ -3,7 +3,9 @@
 ``train_loop(loop_config)`` reads top to bottom: build the student (and the online teacher), restore the latest
 checkpoint or copy the teacher's positional embedding into the fresh neck, measure the held-out MSE, then train the
 neck on the MSE to the teacher's embedding with hand-averaged gradients, reporting and checkpointing through
-``jobs.trainer``; the final report's checkpoint holds the project-format student and the released neck file.
+``jobs.trainer``; the final report's checkpoint holds the project-format student and the released neck file. Rank 0
+sends the driver progress lines (``jobs.progress.ProgressMeter``): a step line at least every ``progress_every``
+seconds (step/total, loss, images/s, elapsed, ETA) and each held-out MSE as it is measured.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ STUDENT_FILE = "student.safetensors"
 RELEASED_DIR = "released"
 PUBLISHED_TOTAL_BATCH = 16  # 2 images x 8 GPUs; the base of auto_scale_lr
 SHORT_RUN_WARMUP_FRACTION = 0.05
+DEFAULT_PROGRESS_EVERY = 30.0  # seconds between progress lines (and at the first and last step)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class DistillConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     report_every: int = 20
+    progress_every: float = DEFAULT_PROGRESS_EVERY
+    quiet: bool = False  # no progress lines (the summary and errors still print)
     seed: int = 0
     shuffle_buffer: int = 64
     loader_workers: int = 0
@@ -136,15 +141,20 @@ def train_loop(loop_config: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from jobs.trainer import all_reduce_gradients, all_reduce_mean, report, restore, shard_slice, world
+    from jobs.progress import ProgressMeter
+    from jobs.trainer import (all_reduce_gradients, all_reduce_mean, progress, report, restore, shard_slice,
+                              world)
     from ovsam import build_ovsam
     from ovsam.checkpoint import export_released, save_checkpoint
     from ovsam.training import build_optimizer, build_scheduler, clip_gradients, set_trainable, train_mode
     from pipeline.training.distill_data import DistillStream, InputSpec, batched
 
+    started = time.monotonic()
     cfg: DistillConfig = loop_config["config"]
     plan: dict = loop_config["plan"]
     rank, world_size = world()
+    progress(f"[distill] {world_size} worker(s) started: building {cfg.student}"
+             + (f" and the teacher {cfg.teacher}" if plan["needs_teacher"] else ""))
     device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
     spec = InputSpec.from_dict(plan["spec"])
     student = build_ovsam(cfg.student, checkpoint=cfg.student_checkpoint, device=device)
@@ -182,6 +192,12 @@ def train_loop(loop_config: dict) -> None:
             logger.info("the neck keeps its own positional embedding (teacher's: %s, neck's: %s)",
                         None if pos is None else tuple(pos.shape), tuple(student.neck.pos_embed.shape))
     started_at = step
+    meter = ProgressMeter("[distill]", cfg.steps, cfg.progress_every, start_step=step, started=started,
+                          send=progress)
+    meter.note(f"{world_size} worker(s) ready: {plan['teacher']} -> {student.config.name}'s neck, "
+               + ("teacher embeddings from the cache" if plan["train_cached"] else "teacher online")
+               + f", {cfg.steps} steps of {cfg.batch_size} images per worker"
+               + (f"; resumed at step {step}" if step else ""))
 
     def make_state() -> dict:
         return {"step": step, "neck": student.neck.state_dict(), "optimizer": optimizer.state_dict(),
@@ -191,9 +207,16 @@ def train_loop(loop_config: dict) -> None:
     heldout = plan["heldout_urls"][rank::world_size]
 
     def evaluate() -> float:
-        mse = _evaluate(student, teacher, heldout, spec, plan["heldout_cached"], cfg)
+        meter.note(f"step {step}: measuring the held-out MSE...")
+        with meter.aside() as timer:
+            mse = _evaluate(student, teacher, heldout, spec, plan["heldout_cached"], cfg)
         train_mode(student, STAGE)
         evals.append({"step": step, "heldout_mse": mse})
+        first, change = evals[0]["heldout_mse"], ""
+        if len(evals) > 1 and first:
+            change = f", {abs(100 * (1 - mse / first)):.1f}% {'below' if mse <= first else 'above'} step " \
+                     f"{evals[0]['step']}'s"
+        meter.note(f"step {step}: held-out MSE {mse:.6f}{change} ({timer['seconds']:.0f} s)")
         return mse
 
     if plan["heldout_urls"] and step == 0 and not evals:
@@ -236,6 +259,7 @@ def train_loop(loop_config: dict) -> None:
         metrics = all_reduce_mean({"loss": float(loss.detach()), "images_per_s": x.shape[0] / max(now - tick, 1e-9)})
         tick = now
         metrics.update(step=step, lr=lr, grad_norm=grad_norm, images_per_s=metrics["images_per_s"] * world_size)
+        meter.step(step, metrics["loss"], x.shape[0] * world_size)
         if plan["heldout_urls"] and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
             metrics["heldout_mse"] = evaluate()
         losses.append(metrics["loss"])

@@ -24,6 +24,22 @@ checkpoint (a relaunch with other training settings is refused); a worker that d
 ``--max-failures`` times. ``--num-workers 0`` runs the loop in this process without Ray (checkpoints in a local
 ``--storage-path``).
 
+Progress: while it trains, the command prints a line at least every ``--progress-every`` seconds (default 30; also
+at the first and the last step), through the trunk warm-up too, and each held-out evaluation as it starts and with
+its result::
+
+    [train] step 30/120 (25%)  loss 2.01  22.6 images/s  elapsed 19s  ETA 10s + 60 CLIP2SAM steps  (trunk warm-up)
+    [train] trunk warm-up done (step 60): synthetic probe top-1 0.566 (1 s)
+    [train] step 92/120 (77%)  loss 12.89  7.5 images/s  elapsed 1m00s  ETA 27s  (CLIP2SAM)
+    [train] after training (step 120): synthetic/box mIoU 0.204 top-1 0.270; synthetic/point mIoU 0.205 top-1 ...
+
+The loss is rank 0's, averaged over the steps since the previous line; images/s counts every worker's images; the
+ETA is the steps left in the current phase at its pace so far (held-out evaluations not counted), plus the steps of
+the phase after it. Rank 0 sends the lines to the driver, which prints them, so they show whether or not Ray
+forwards the workers' output (and land in the job log under ``ray job submit``). ``-q`` turns them off; errors and
+the final summary still print. The workers log at the command's level: warnings, or with ``-v`` also INFO (every
+step's losses, and Ray Train's line per report).
+
 Outputs: checkpoints (``state.pt`` + ``model.safetensors`` in the project format) every ``--checkpoint-every``
 steps, the final model file at ``--output`` (usable by ``ovsam annotate --checkpoint``), the released
 ``fpn_neck.*``/``mask_decoder.*`` layout with ``--export-released DIR``, and a JSON summary with ``--summary``.
@@ -56,148 +72,27 @@ of one colour stay at 0.93-0.99, which costs the labels a little (the trunk's sh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.args import add_storage_options
+from jobs.args import add_storage_options, float_in
 from jobs.args import storage_options as parse_storage_options
+from jobs.progress import print_line
+from jobs.train_config import (DEFAULT_MASK_POINTS, DEFAULT_PROGRESS_EVERY, MODEL_FILE, PUBLISHED_BATCH,
+                               PUBLISHED_CLIP, PUBLISHED_LR, STAGE, SYNTHETIC_RECIPE, TrainJobConfig)
 from ovsam.config import ROI_BOX_RULES
-from pipeline.training.train_specs import DatasetSpec, parse_dataset_spec, parse_heldout_spec
+from pipeline.training.train_specs import parse_dataset_spec, parse_heldout_spec
+
+__all__ = ["DEFAULT_MASK_POINTS", "DEFAULT_PROGRESS_EVERY", "MODEL_FILE", "PUBLISHED_BATCH", "PUBLISHED_CLIP",
+           "PUBLISHED_LR", "STAGE", "SYNTHETIC_RECIPE", "TrainJobConfig", "add_arguments", "config_from_args",
+           "export_outputs", "export_vocabularies", "main", "run_from_args", "run_train", "trainer_config",
+           "vocabulary_url"]
 
 logger = logging.getLogger(__name__)
-
-STAGE = "clip2sam"
-MODEL_FILE = "model.safetensors"
-# The published optimiser (OVSAM_SPEC §4.3): AdamW lr 1e-4 for a total batch of 16, scaled linearly with the total
-# batch (auto_scale_lr is on in the published configs), global gradient-norm clip 0.01; warm-up and milestones are
-# fractions of --steps so short runs keep the shape of the schedule.
-PUBLISHED_LR = 1e-4
-PUBLISHED_BATCH = 16
-PUBLISHED_CLIP = 0.01
-DEFAULT_MASK_POINTS = 1024
-# The short-run recipe for the random-init ovsam-tiny on `ovsam pack synthetic` data (the first example above;
-# used by `make demo` and the tests), per worker on 2 workers; the module docstring says why each setting.
-SYNTHETIC_RECIPE: dict[str, Any] = {"trunk_warmup": 1200, "steps": 800, "batch_size": 4, "num_prompts": 10,
-                                    "lr": 2e-3, "warmup_steps": 75, "schedule": "cosine", "clip_grad_norm": None,
-                                    "templates": "plain", "mask_points": 1024, "unfreeze": ("clip", "neck"),
-                                    "roi_box": "largest_component"}
-
-
-@dataclass(frozen=True)
-class TrainJobConfig:
-    """Everything the training loop needs, as plain data (it travels to the Ray Train workers as a dict)."""
-
-    datasets: tuple[DatasetSpec, ...]
-    name: str
-    storage_path: str
-    model: str = "ovsam-tiny"
-    checkpoint: str | None = None
-    heldout: tuple[tuple[str, str], ...] = ()
-    steps: int = 300
-    batch_size: int = 2
-    lr: float | None = None  # None: PUBLISHED_LR scaled by the total batch / PUBLISHED_BATCH
-    weight_decay: float = 0.05
-    clip_grad_norm: float | None = PUBLISHED_CLIP
-    warmup_steps: int | None = None  # None: 5% of the steps, at most the published 500
-    schedule: str = "multistep"
-    mask_points: int = DEFAULT_MASK_POINTS
-    num_prompts: int = 40
-    scale_range: tuple[float, float] = (0.9, 2.0)
-    min_area: float | None = None  # None: the published 32 px scaled to the model's input size
-    published_truncation: bool = False
-    published_image_box: bool = False
-    templates: str = "vild"
-    unfreeze: tuple[str, ...] = ()  # "clip" (the CLIP image trunk) and/or "neck": trained too
-    trunk_warmup: int = 0  # steps of region classification training the CLIP trunk alone, before `steps`
-    roi_box: str | None = None  # recognition.roi_box of the trained model (None: the model's own)
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    eval_at_start: bool = False
-    eval_samples: int | None = None
-    eval_batch_size: int = 4
-    report_every: int = 10
-    loader_workers: int = 0
-    shuffle_buffer: int = 32
-    seed: int = 0
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
-    num_to_keep: int = 2
-    fault_at: tuple[int, str] | None = field(default=None, compare=False)  # tests: (step, marker file)
-    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not self.datasets:
-            raise ValueError("at least one --dataset name=URL:kind:weight is required")
-        names = [d.name for d in self.datasets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"dataset names must be unique, got {names}")
-        for key in ("steps", "batch_size", "num_prompts", "checkpoint_every", "report_every", "eval_batch_size",
-                    "mask_points"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num-workers must be >= 0 (0 = in this process), got {self.num_workers}")
-        if self.templates not in ("vild", "plain") and "{}" not in self.templates:
-            raise ValueError(f"--templates must be vild, plain or a template containing {{}}, got {self.templates!r}")
-        from ovsam.training import trainable_modules
-
-        trainable_modules(STAGE, self.unfreeze)
-        if self.roi_box is not None and self.roi_box not in ROI_BOX_RULES:
-            raise ValueError(f"--roi-box must be one of {', '.join(ROI_BOX_RULES)}, got {self.roi_box!r}")
-        if self.trunk_warmup < 0:
-            raise ValueError(f"trunk-warmup must be >= 0, got {self.trunk_warmup}")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"--name must be a non-empty run name without '/', got {self.name!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainJobConfig:
-        data = dict(data)
-        data["datasets"] = tuple(DatasetSpec(**d) if isinstance(d, dict) else d for d in data["datasets"])
-        data["heldout"] = tuple(tuple(h) for h in data.get("heldout", ()))
-        data["scale_range"] = tuple(data.get("scale_range", (0.9, 2.0)))
-        data["unfreeze"] = tuple(data.get("unfreeze", ()))
-        if data.get("fault_at") is not None:
-            data["fault_at"] = tuple(data["fault_at"])
-        return cls(**data)
-
-    def learning_rate(self) -> float:
-        """``lr``, or the published one scaled by the total batch (``batch_size x workers``) over 16."""
-        if self.lr is not None:
-            return self.lr
-        return PUBLISHED_LR * self.batch_size * max(self.num_workers, 1) / PUBLISHED_BATCH
-
-    def trains_trunk(self) -> bool:
-        """Whether the run changes the CLIP image trunk (``--unfreeze clip`` or a trunk warm-up)."""
-        return "clip" in self.unfreeze or self.trunk_warmup > 0
-
-    def template_list(self) -> tuple[str, ...]:
-        from ovsam.templates import VILD_TEMPLATES
-
-        return {"vild": tuple(VILD_TEMPLATES), "plain": ("{}",)}.get(self.templates, (self.templates,))
-
-    def training_hash(self) -> str:
-        """Hash of the settings that shape the training (not placement, logging or evaluation)."""
-        keys = ("datasets", "model", "checkpoint", "steps", "batch_size", "lr", "weight_decay", "clip_grad_norm",
-                "warmup_steps", "schedule", "mask_points", "num_prompts", "scale_range", "min_area",
-                "published_truncation", "published_image_box", "templates", "seed")
-        d = self.to_dict()
-        hashed = {k: d[k] for k in keys}
-        if self.unfreeze:  # only when set, so runs started before the flag existed still resume
-            hashed["unfreeze"] = sorted(self.unfreeze)
-        if self.trunk_warmup:
-            hashed["trunk_warmup"] = self.trunk_warmup
-        return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,7 +152,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial weights")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate at most this many held-out images")
     p.add_argument("--report-every", type=int, default=10,
-                   help="steps between metric reports to Ray Train (every step is logged; default 10)")
+                   help="steps between metric reports to Ray Train (every step is also logged at INFO, shown "
+                        "with -v; default 10)")
+    p.add_argument("--progress-every", type=float_in(0.0), default=DEFAULT_PROGRESS_EVERY, metavar="SECONDS",
+                   help=f"seconds between progress lines (step/total, loss, images/s, elapsed, ETA; also at the "
+                        f"first and last step, and each held-out evaluation's result; 0 = every step; default "
+                        f"{DEFAULT_PROGRESS_EVERY:g})")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines (errors and the final summary still print)")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader processes per training worker and dataset (default 0: decode in the loop)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data mixture and the prompts (default: 0)")
@@ -300,7 +202,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         eval_samples=args.eval_samples, report_every=args.report_every, loader_workers=args.loader_workers,
         seed=args.seed, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures, num_to_keep=args.num_to_keep, fault_at=fault,
-        storage_options=storage)
+        progress_every=args.progress_every, quiet=args.quiet, storage_options=storage)
 
 
 def trainer_config(cfg: TrainJobConfig):
@@ -314,8 +216,8 @@ def trainer_config(cfg: TrainJobConfig):
 def run_train(cfg: TrainJobConfig, *, output: str | None = None, export_released: str | None = None,
               ray_address: str | None = None) -> dict[str, Any]:
     """Train (on Ray Train, or in this process with ``num_workers=0``), then write ``output`` and the released
-    layout; returns the final metrics (``eval/<dataset>/<prompt>/<metric>``, ``batches/<dataset>``, ``step``, ...,
-    ``wall_time_s``, ``checkpoint``)."""
+    layout; prints progress lines as the run goes (unless ``cfg.quiet``). Returns the final metrics
+    (``eval/<dataset>/<prompt>/<metric>``, ``batches/<dataset>``, ``step``, ..., ``wall_time_s``, ``checkpoint``)."""
     from jobs import trainer
     from jobs.train_loop import train_loop
 
@@ -325,14 +227,18 @@ def run_train(cfg: TrainJobConfig, *, output: str | None = None, export_released
                          "whole model")
     tcfg = trainer_config(cfg)
     start = time.time()
+    show = None if cfg.quiet else print_line
     if cfg.num_workers == 0:
-        result = trainer.run_local(train_loop, cfg.to_dict(), tcfg)
+        result = trainer.run_local(train_loop, cfg.to_dict(), tcfg, on_progress=show)
     else:
         import ray
 
+        if show:
+            show(f"[train] starting Ray and {cfg.num_workers} Ray Train worker(s) for run {cfg.name!r} "
+                 f"(checkpoints under {cfg.storage_path})")
         if not ray.is_initialized():
             ray.init(address=ray_address)
-        result = trainer.launch(train_loop, cfg.to_dict(), tcfg)
+        result = trainer.launch(train_loop, cfg.to_dict(), tcfg, on_progress=show)
     metrics = dict(result.metrics or {})
     metrics["wall_time_s"] = time.time() - start
     if result.checkpoint is None:
@@ -434,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ovsam train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO, every step included (as `ovsam -v "
+                                                                     "train`)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # as `ovsam train`: warnings and errors (-v: info); the progress lines and the summary are printed
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run_from_args(args)
     except ValueError as e:

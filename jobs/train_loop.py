@@ -6,7 +6,9 @@ It reads top to bottom: build the model and freeze all but the FPN and the mask 
 the newest checkpoint, then per step: the mixture picks a dataset (the same on every rank), a batch of that dataset
 only, CLIP2SAM losses, gradients averaged over workers, clip, AdamW and scheduler step, metrics; every
 ``checkpoint_every`` steps a checkpoint (``state.pt`` + ``model.safetensors``), every ``eval_every`` steps and at the
-end the held-out evaluation.
+end the held-out evaluation. Rank 0 sends the driver progress lines (``jobs.progress.ProgressMeter``): the run's
+shape once the workers are ready, a step line at least every ``progress_every`` seconds (through the trunk warm-up
+too), and each held-out evaluation as it starts and with its result.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 
 from jobs import trainer
-from jobs.train import MODEL_FILE, STAGE, TrainJobConfig
+from jobs.progress import ProgressMeter
+from jobs.train_config import MODEL_FILE, STAGE, TrainJobConfig
 from pipeline.training import train_data as TD
 
 logger = logging.getLogger(__name__)
@@ -178,6 +181,29 @@ def evaluate_probe(model: Any, probe: Any, heldout: list[tuple[str, TD.ShardSet,
     return out
 
 
+def heldout_line(metrics: dict[str, float], prefix: str) -> str:
+    """``synthetic/box mIoU 0.812 top-1 0.790; synthetic/point ...`` from :func:`evaluate_heldout`'s metrics, or
+    ``synthetic probe top-1 0.780`` from :func:`evaluate_probe`'s."""
+    parts = []
+    for key in sorted(k for k in metrics if k.startswith(prefix) and k.endswith(("/acc", "/probe_acc"))):
+        where = key[len(prefix):].rsplit("/", 1)[0]
+        if key.endswith("/probe_acc"):
+            parts.append(f"{where} probe top-1 {metrics[key]:.3f}")
+            continue
+        miou = metrics.get(f"{prefix}{where}/miou")
+        parts.append(f"{where}" + (f" mIoU {miou:.3f}" if miou is not None else "") + f" top-1 {metrics[key]:.3f}")
+    return "; ".join(parts) or "no instances"
+
+
+def _evaluate(meter: ProgressMeter, what: str, evaluate: Any, prefix: str) -> dict[str, float]:
+    """``evaluate()`` (every rank), with a progress line as it starts and one with its result and duration."""
+    meter.note(f"{what}: evaluating the held-out set(s)...")
+    with meter.aside() as timer:
+        out = evaluate()
+    meter.note(f"{what}: {heldout_line(out, prefix)} ({timer['seconds']:.0f} s)")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -223,8 +249,11 @@ def train_loop(config: dict) -> None:
     from ovsam.clip2sam import LossConfig, RegionProbe, clip2sam_losses, trunk_warmup_losses
     from ovsam.training import build_optimizer, build_scheduler, clip_gradients, set_trainable, train_mode
 
+    started = time.monotonic()
     cfg = TrainJobConfig.from_dict(config)
     rank, world = trainer.world()
+    trainer.progress(f"[train] {world} worker(s) started: building {cfg.model}, the vocabularies and the data "
+                     f"streams")
     model = build_ovsam(cfg.model, checkpoint=cfg.checkpoint)
     if not hasattr(model, "fpn_neck"):
         raise ValueError(f"model {cfg.model!r} is not an OV-SAM model; CLIP2SAM training needs an ovsam-* model")
@@ -330,9 +359,19 @@ def train_loop(config: dict) -> None:
 
     files = {MODEL_FILE: lambda p: save_checkpoint(model, p, extra={"trained_steps": str(step),
                                                                     "run": cfg.name})}
+    meter = ProgressMeter("[train]", total_steps, cfg.progress_every, start_step=step, started=started,
+                          send=trainer.progress)
+    if step < warmup:
+        meter.phase(step, "trunk warm-up", end=warmup, then=f"{cfg.steps} CLIP2SAM steps")
+    elif warmup:
+        meter.phase(step, "CLIP2SAM")
+    plan = (f"{warmup} trunk warm-up steps, then {cfg.steps} CLIP2SAM steps" if warmup else f"{cfg.steps} steps")
+    meter.note(f"{world} worker(s) ready: {cfg.model}, {plan} of {cfg.batch_size} images per worker"
+               + (f"; resumed at step {step}" if restored_from is not None else ""))
     metrics: dict[str, float] = {}
     if cfg.eval_at_start and heldout and step == 0:
-        metrics.update(evaluate_heldout(model, heldout, cfg, "initial/"))
+        metrics.update(_evaluate(meter, "before training (step 0)",
+                                 lambda: evaluate_heldout(model, heldout, cfg, "initial/"), "initial/"))
     active = enter_phase()
     window: dict[str, list[float]] = {}
     window_start, window_samples = time.time(), 0
@@ -360,12 +399,6 @@ def train_loop(config: dict) -> None:
         opt.step()
         sched.step()
         step += 1
-        if in_warmup and step == warmup:
-            if heldout:
-                metrics.update(evaluate_probe(model, probe, heldout, cfg, aug, "warmup/"))
-            logger.info("rank %d: trunk warm-up done at step %d; the CLIP2SAM steps follow (%s)", rank, step,
-                        " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("warmup/")))
-            active = enter_phase()
         counts[name] += 1
         samples_seen += len(batch) * world
         window_samples += len(batch) * world
@@ -379,6 +412,16 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             logger.info("step %d/%d %s %s", step, total_steps, name,
                         " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        meter.step(step, values["loss"], len(batch) * world)
+        if in_warmup and step == warmup:
+            if heldout:
+                metrics.update(_evaluate(meter, f"trunk warm-up done (step {step})",
+                                         lambda: evaluate_probe(model, probe, heldout, cfg, aug, "warmup/"),
+                                         "warmup/"))
+            logger.info("rank %d: trunk warm-up done at step %d; the CLIP2SAM steps follow (%s)", rank, step,
+                        " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith("warmup/")))
+            meter.phase(step, "CLIP2SAM")
+            active = enter_phase()
         last = step == total_steps
         do_ckpt = step % cfg.checkpoint_every == 0 or last
         do_eval = bool(heldout) and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
@@ -393,7 +436,8 @@ def train_loop(config: dict) -> None:
         if do_eval or do_ckpt:  # one model on every worker, and in the checkpoint
             trainer.average_norm_statistics(model)
         if do_eval:
-            metrics.update(evaluate_heldout(model, heldout, cfg, "eval/"))
+            metrics.update(_evaluate(meter, f"after training (step {step})" if last else f"at step {step}",
+                                     lambda: evaluate_heldout(model, heldout, cfg, "eval/"), "eval/"))
         trainer.report(dict(metrics), state=checkpoint_state() if do_ckpt else None,
                        files=files if do_ckpt else None)
         window, window_start, window_samples = {}, time.time(), 0

@@ -13,6 +13,12 @@ or a relaunch with the same ``(storage_path, name)``, :func:`restore` returns th
 
 Gradients are averaged by hand with :func:`all_reduce_gradients` instead of DDP: frozen parameters and parameters
 whose gradient is absent on some steps (e.g. the label MLP) make DDP's reducer fail or hang.
+
+Progress: a loop calls :func:`progress` (or a ``jobs.progress.ProgressMeter`` that sends its time-based step lines
+with it) on every rank; rank 0's lines reach the driver, which prints them as they come (``launch(...,
+on_progress=print)``): on Ray Train through a :class:`ProgressSink` actor the driver polls, so they show whatever
+``log_to_driver`` is, without Ray's ``(RayTrainWorker pid=...)`` prefix and untouched by Ray's log deduplication;
+in :func:`run_local` directly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -38,6 +45,8 @@ STATE_FILE = "state.pt"
 _IN_RAY_TRAIN = False
 # Set by `run_local` while it runs a loop in this process: {"dir": run directory, "keep": num_to_keep, ...}.
 _LOCAL: dict[str, Any] | None = None
+# Set in the worker process by `_Entry`: the driver's ProgressSink actor, or None when the driver prints no progress.
+_PROGRESS_SINK: Any = None
 
 
 @dataclass(frozen=True)
@@ -70,30 +79,73 @@ def _storage(cfg: TrainerConfig) -> tuple[str, Any]:
 
 
 class _Entry:
-    """``train_fn`` marked as running inside a Ray Train worker. A module-level class, so cloudpickle ships it by
-    reference and the flag it sets is this module's (a closure would be shipped by value with its own globals)."""
+    """``train_fn`` marked as running inside a Ray Train worker, with the driver's progress sink (or None). A
+    module-level class, so cloudpickle ships it by reference and the globals it sets are this module's (a closure
+    would be shipped by value with its own globals)."""
 
-    def __init__(self, train_fn: Callable[[dict], None]):
+    def __init__(self, train_fn: Callable[[dict], None], progress_sink: Any = None, log_level: int = logging.INFO):
         self.train_fn = train_fn
+        self.progress_sink = progress_sink
+        self.log_level = log_level
         self.__name__ = getattr(train_fn, "__name__", "train_fn")
 
     def __call__(self, loop_config: dict) -> None:
-        global _IN_RAY_TRAIN
+        global _IN_RAY_TRAIN, _PROGRESS_SINK
         _IN_RAY_TRAIN = True
+        _PROGRESS_SINK = self.progress_sink
+        # Ray Train sets the workers' root logger to INFO, and some of its own messages (a long line per report)
+        # log through it; the workers log at the driver's level instead
+        logging.getLogger().setLevel(self.log_level)
         self.train_fn(loop_config)
 
 
-def launch(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConfig) -> "ray.train.Result":
+class ProgressSink:
+    """Progress lines from rank 0 of a Ray Train run, held until the driver takes them (a Ray actor with no CPU of
+    its own, created by :func:`launch`; it outlives worker restarts)."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self._lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self._lines = self._lines, []
+        return lines
+
+
+def _relay_progress(sink: Any, on_progress: Callable[[str], None], stop: threading.Event) -> None:
+    """The driver's thread: hand the sink's lines to ``on_progress`` every 0.5 s, and once more after ``stop``."""
+    import ray
+
+    while True:
+        stopped = stop.wait(0.5)
+        try:
+            lines = ray.get(sink.take.remote(), timeout=10)
+        except Exception as e:  # progress is best effort; the run goes on
+            logger.debug("no progress lines: %s", e)
+            lines = []
+        for line in lines:
+            on_progress(line)
+        if stopped:
+            return
+
+
+def launch(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConfig,
+           on_progress: Callable[[str], None] | None = None) -> "ray.train.Result":
     """Run ``train_fn(loop_config)`` on ``cfg.num_workers`` Ray Train workers and return the result.
 
-    Starts a local Ray instance if none is connected. Raises ``ray.train.TrainingFailedError`` when the run fails
+    Starts a local Ray instance if none is connected. The workers log at the level of the driver's ``jobs`` logger
+    (``ovsam train``: warnings; ``-v``: info), Ray Train's own messages (a line per report) included. With
+    ``on_progress``, rank 0's :func:`progress` lines are handed to it in this process as they come (every 0.5 s),
+    the last ones before ``fit`` returns or raises. Raises ``ray.train.TrainingFailedError`` when the run fails
     more than ``cfg.max_failures`` times."""
     if cfg.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {cfg.num_workers}")
     if cfg.cpus_per_worker <= 0:
         raise ValueError(f"cpus_per_worker must be > 0, got {cfg.cpus_per_worker}")
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -102,18 +154,32 @@ def launch(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConf
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    sink = ray.remote(num_cpus=0)(ProgressSink).remote() if on_progress is not None else None
+    level = logging.getLogger("jobs").getEffectiveLevel()
     trainer = TorchTrainer(
-        _Entry(train_fn),
+        _Entry(train_fn, sink, level),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            logging_config=LoggingConfig(log_level="INFO" if level <= logging.INFO else "WARNING")),
     )
     logger.info("training run %r: %d worker(s), storage %s", cfg.name, cfg.num_workers, cfg.storage_path)
-    return trainer.fit()
+    if sink is None:
+        return trainer.fit()
+    stop = threading.Event()
+    relay = threading.Thread(target=_relay_progress, args=(sink, on_progress, stop), name="ovsam-progress",
+                             daemon=True)
+    relay.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        relay.join(timeout=30)
+        ray.kill(sink)
 
 
 @dataclass(frozen=True)
@@ -139,13 +205,14 @@ def _local_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and (p / STATE_FILE).is_file())
 
 
-def run_local(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConfig) -> LocalResult:
+def run_local(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerConfig,
+              on_progress: Callable[[str], None] | None = None) -> LocalResult:
     """Run ``train_fn(loop_config)`` in this process as rank 0 of 1, without Ray.
 
     Checkpoints go to ``<storage_path>/<name>/checkpoint_NNNNNN`` (a local directory; the newest
     ``cfg.num_to_keep`` are kept) and :func:`restore` resumes from the newest, so a rerun with the same name
-    continues. For debugging, tests and single-machine runs; ``cfg.num_workers`` and ``max_failures`` are
-    ignored."""
+    continues. :func:`progress` lines go to ``on_progress``. For debugging, tests and single-machine runs;
+    ``cfg.num_workers`` and ``max_failures`` are ignored."""
     global _LOCAL
     if "://" in cfg.storage_path and not cfg.storage_path.startswith("file://"):
         raise ValueError(f"run_local keeps checkpoints in a local directory; got storage_path "
@@ -154,7 +221,7 @@ def run_local(train_fn: Callable[[dict], None], loop_config: dict, cfg: TrainerC
     run_dir.mkdir(parents=True, exist_ok=True)
     if _LOCAL is not None:
         raise RuntimeError("run_local is already running a loop in this process")
-    _LOCAL = {"dir": run_dir, "keep": max(1, cfg.num_to_keep), "metrics": {}}
+    _LOCAL = {"dir": run_dir, "keep": max(1, cfg.num_to_keep), "metrics": {}, "progress": on_progress}
     try:
         train_fn(loop_config)
         metrics = dict(_LOCAL["metrics"])
@@ -172,6 +239,26 @@ def world() -> tuple[int, int]:
 
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def progress(line: str) -> None:
+    """Send one progress line to the driver, which prints it (rank 0's; other ranks' are dropped, so every rank may
+    call it). Goes nowhere but the debug log when the driver asked for none (``--quiet``) or outside a run. In a
+    Ray Train worker it waits (at most 10 s) until the driver's sink holds the line, so lines arrive in order and
+    none is lost when the run ends; a line that cannot be delivered is logged, never raised."""
+    if world()[0] != 0:
+        return
+    if _IN_RAY_TRAIN and _PROGRESS_SINK is not None:
+        import ray
+
+        try:
+            ray.get(_PROGRESS_SINK.put.remote(line), timeout=10)
+        except Exception as e:
+            logger.warning("progress line not delivered (%s): %s", e, line)
+    elif not _IN_RAY_TRAIN and _LOCAL is not None and _LOCAL.get("progress") is not None:
+        _LOCAL["progress"](line)
+    else:
+        logger.debug("%s", line)
 
 
 def read_state(directory: str | Path) -> dict:

@@ -1,5 +1,6 @@
 """The demo end to end: (training ovsam-tiny on the synthetic world ->) shards -> annotation job on local Ray ->
-Parquet, COCO JSON and overlays; a rerun skips what is done."""
+Parquet, COCO JSON and overlays; a rerun skips what is done. The demo says first what it will do and about how long
+that takes here, shows the training's progress lines and ends with where the outputs are."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def test_demo_annotates_generated_shards(tmp_path, capsys):
             "--workers", "1", "--no-train"]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert out.startswith("ovsam demo: annotates 4 scenes (about 1 min) with ovsam-tiny, on ")
     assert "2 shards: 0 committed, 2 to process" in out and "statuses:" in out
     ann = tmp_path / "annotations"
     images = pq.read_table(ann / "images").to_pylist()
@@ -43,7 +45,12 @@ def test_demo_trains_its_model_and_annotates_with_it(tmp_path, capsys):
             "--workers", "1", "--train-steps", "3", "--trunk-warmup", "2", "--train-workers", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert out.startswith("ovsam demo: trains ovsam-tiny (5 steps on 2 Ray Train workers: about 1 min on this "
+                          "machine, ")
     assert "training ovsam-tiny for 2 trunk warm-up steps and 3 steps on 2 Ray Train workers" in out
+    # the training's progress lines (every 30 s by default, and at the first and the last step) and evaluations
+    assert "[train] step 1/5 (20%)  loss " in out and "[train] step 5/5 (100%)  loss " in out
+    assert "[train] after training (step 5): synthetic/box mIoU " in out
     assert "box prompts: mask IoU" in out and "top-1 label" in out
     model = tmp_path / "model" / "ovsam-tiny-synthetic.safetensors"
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
@@ -60,6 +67,9 @@ def test_demo_trains_its_model_and_annotates_with_it(tmp_path, capsys):
     assert vocabulary.names == list(CLASS_NAMES) and vocabulary.templates == ("{}",)
     assert vocabulary.split is not None and set(vocabulary.split.tolist()) == {1}  # all trained (base) classes
     assert "randomly initialised" not in out
+    assert f"  model        {model} (vocabulary {vocabulary_file.name}, " in out  # where the outputs are
+    assert f"  coco         {tmp_path / 'coco.json'}" in out
     # a second demo reuses the trained model
     assert main(args) == 0
-    assert "reusing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reusing" in out and out.startswith("ovsam demo: reuses the model trained by an earlier demo")

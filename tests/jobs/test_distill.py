@@ -7,7 +7,8 @@ skips committed shards on a rerun (rewriting an uncommitted one byte for byte) a
 On 2 local Ray Train workers: the held-out MSE drops by more than 30 %, the project-format student rebuilds the
 trained model and the exported ``neck_student.*`` file loaded into a fresh ``ovsam-tiny`` reproduces its embeddings
 exactly; training from the dumped cache also drops the MSE, and after a crash that ends the run a relaunch with the
-same --name continues from the last checkpoint.
+same --name continues from the last checkpoint. The driver prints rank 0's progress lines (a line per step with
+``--progress-every 0``: step/total, loss, images/s, elapsed, ETA; each held-out MSE), none with ``-q``.
 
 About 60-120 s on 2 shared cores (Ray start and three short training runs; timings vary with machine load).
 """
@@ -239,10 +240,24 @@ def _train_argv(tmp: Path, name: str, steps: int, *data: str) -> list[str]:
             "--export-released", str(tmp / "released")]
 
 
-def test_online_distillation_lowers_heldout_mse_and_exports(ray_local, shards, tmp_path):
+def test_online_distillation_lowers_heldout_mse_and_exports(ray_local, shards, tmp_path, capsys):
+    import re
+
     argv = _train_argv(tmp_path, "online", 10, "--input", str(shards["train"]), "--heldout", str(shards["heldout"]))
-    s = distill.run_distill(distill.config_from_args(_args(argv)))
+    capsys.readouterr()
+    s = distill.run_distill(distill.config_from_args(_args(argv + ["--progress-every", "0"])))
     assert s.steps == 10 and s.resumed_from == 0
+    # the progress lines reached the driver (Ray forwards no worker output here): every step, and each held-out MSE
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[distill]")]
+    steps = [line for line in lines if line.startswith("[distill] step ") and "MSE" not in line]
+    assert len(steps) == 10, lines
+    for step, line in enumerate(steps, 1):
+        assert re.fullmatch(rf"\[distill\] step {step}/10 \(\d+%\)  loss [\d.e+-]+  [\d.]+ images/s  "
+                            r"elapsed \d+s  ETA \d+s", line), line
+    mse = [line for line in lines if "held-out MSE" in line and "measuring" not in line]
+    assert re.fullmatch(r"\[distill\] step 0: held-out MSE [\d.]+ \(\d+ s\)", mse[0]), mse
+    assert re.fullmatch(r"\[distill\] step 10: held-out MSE [\d.]+, [\d.]+% below step 0's \(\d+ s\)", mse[1]), mse
+    assert lines.index(mse[0]) < lines.index(steps[0]) and lines.index(mse[1]) > lines.index(steps[-1])
     assert [e["step"] for e in s.evals] == [0, 10]
     # per-step losses travel with the reports: the final one holds steps 9 and 10 (the last report was at step 8)
     assert len(s.metrics["losses"]) == 2 and all(np.isfinite(s.metrics["losses"]))
@@ -271,7 +286,7 @@ def test_online_distillation_lowers_heldout_mse_and_exports(ray_local, shards, t
     assert torch.equal(_embed(loaded, x), _embed(trained, x))
 
 
-def test_cache_training_resumes_after_a_crash(ray_local, shards, tmp_path):
+def test_cache_training_resumes_after_a_crash(ray_local, shards, tmp_path, capsys):
     from ray.train import TrainingFailedError
 
     cache = tmp_path / "cache"
@@ -287,9 +302,13 @@ def test_cache_training_resumes_after_a_crash(ray_local, shards, tmp_path):
             _train_argv(tmp_path, "cached", 8, *data) + ["--max-failures", "0", "--fail-at-step", "6",
                                                          "--report-every", "5"])))
     assert not (tmp_path / "student.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "[distill] teacher dump: shard 4/4 committed (train-" in out  # a line per shard the dump commits
+    assert "[distill] step 1/8 (12%)  loss " in out  # the crashed run's progress up to the crash
     # the relaunch with the same name continues from step 4, with the held-out MSE measured before the crash
-    s = distill.run_distill(distill.config_from_args(_args(_train_argv(tmp_path, "cached", 8, *data))))
+    s = distill.run_distill(distill.config_from_args(_args(_train_argv(tmp_path, "cached", 8, *data) + ["-q"])))
     assert s.steps == 8 and s.resumed_from == 4
+    assert "[distill]" not in capsys.readouterr().out  # -q: no progress lines
     assert [e["step"] for e in s.evals] == [0, 8]
     assert s.heldout_mse < 0.7 * s.heldout_mse_initial, s.evals
     assert build_ovsam(checkpoint=tmp_path / "student.safetensors").config.name == STUDENT

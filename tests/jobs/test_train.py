@@ -8,6 +8,9 @@
 - a mixture of image-, box- and mask-level datasets with different vocabularies trains in one run, its measured
   sampling frequencies follow the weights and no batch mixes datasets (acceptance 4);
 - the output file loads with ``build_ovsam`` and ``ovsam annotate --checkpoint``, and exports the released layout.
+- ``ovsam train`` prints progress lines (step/total, loss, images/s, elapsed, ETA; the trunk warm-up's too) and
+  each held-out evaluation's result from 2 Ray Train workers, with Ray forwarding none of the workers' output;
+  ``-q`` leaves them out and keeps the summary.
 
 The default suite's learning run is the shipped recipe with its two phases shortened (``SHORT_RUN``: 250 trunk
 warm-up steps, then 250 CLIP2SAM steps on the same cosine schedule). It shows a clear gain in about 4 min (252 s on a
@@ -511,3 +514,54 @@ def test_trunk_warmup_trains_the_trunk_first_and_resumes(tmp_path):
     assert max(_optimizer_steps(again[warm + steps])) == steps
     with pytest.raises(ValueError, match="no place for a trained CLIP trunk"):
         run_train(cfg, export_released=str(tmp_path / "released"))
+
+
+STEP_LINE = (r"\[train\] step {step}/6 \(\d+%\)  loss [-+.\deEinf]+  [\d.]+ images/s  elapsed \d+s  "
+             r"ETA (\d+s|\?)")
+
+
+def test_progress_lines_and_quiet(ray_local, tmp_path, capsys):
+    """A tiny ``ovsam train`` (3 trunk warm-up + 3 CLIP2SAM steps on 2 workers, 2 held-out scenes) with
+    ``--progress-every 0``: a line per step through both phases, each evaluation as it starts and ends; then one
+    step in one process with ``-q``: no progress lines, the summary still printed. About 50 s on 2 busy shared cores,
+    most of it starting the Ray Train workers."""
+    import re
+
+    from jobs.cli import main
+    from pipeline.training.packers.synthetic import pack_synthetic
+
+    data = tmp_path / "data"
+    pack_synthetic(str(data), kind="mask", num_train=8, num_heldout=2, samples_per_shard=4)
+    argv = ["train", "--dataset", f"synthetic={data / 'train'}:mask:1", "--heldout", f"synthetic={data / 'heldout'}",
+            "--eval-samples", "2", "--eval-at-start", "--storage-path", str(tmp_path / "runs"), "--trunk-warmup", "3",
+            "--steps", "3", "--batch-size", "2", "--num-prompts", "4", "--mask-points", "64", "--templates", "plain",
+            "--checkpoint-every", "10", "--progress-every", "0"]
+    capsys.readouterr()
+    assert main(argv + ["--name", "progress", "--num-workers", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[train]")]
+    assert lines[0].startswith("[train] starting Ray and 2 Ray Train worker(s) for run 'progress'")
+    assert any(line.startswith("[train] 2 worker(s) ready: ovsam-tiny, 3 trunk warm-up steps, then 3 CLIP2SAM")
+               for line in lines)
+    steps = [line for line in lines if line.startswith("[train] step ")]
+    assert len(steps) == 6, steps  # --progress-every 0: every step
+    for step, line in enumerate(steps, 1):
+        assert re.fullmatch(STEP_LINE.format(step=step) + (r" \+ 3 CLIP2SAM steps  \(trunk warm-up\)" if step <= 3
+                                                           else r"  \(CLIP2SAM\)"), line), line
+    assert steps[-1].startswith("[train] step 6/6 (100%)")
+    evals = [line for line in lines if "held-out" not in line and ": synthetic" in line]
+    assert [line.split(":")[0] for line in evals] == ["[train] before training (step 0)",
+                                                       "[train] trunk warm-up done (step 3)",
+                                                       "[train] after training (step 6)"], lines
+    assert re.search(r"synthetic/box mIoU [\d.]+ top-1 [\d.]+; synthetic/point mIoU [\d.]+ top-1 [\d.]+ \(\d+ s\)$",
+                     evals[-1]) and "synthetic probe top-1" in evals[1]
+    assert lines.index(evals[0]) < lines.index(steps[0]) and lines.index(evals[2]) > lines.index(steps[-1])
+    assert "trained 6 steps in" in out and "held-out synthetic/box/miou" in out
+
+    # -q, in one process and as short as a run gets: no progress lines, the summary as before
+    quiet = [a for a in argv if a not in ("--eval-at-start",)]
+    quiet[quiet.index("--trunk-warmup") + 1] = "0"
+    quiet[quiet.index("--steps") + 1] = "1"
+    assert main(quiet + ["--name", "quiet", "--num-workers", "0", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "[train]" not in out and "trained 1 steps in" in out and "held-out synthetic/box/miou" in out

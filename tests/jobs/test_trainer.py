@@ -4,7 +4,9 @@ Checks: the helpers in a plain process (rank 0 of 1); on 2 local Ray Train worke
 mean all-reduce of values and gradients (absent gradients stay absent), a checkpoint holding ``state.pt`` and the
 job's extra file; a worker that dies mid-run resumes from the last checkpoint and ends where an uninterrupted run
 ends; a relaunch with the same name continues from the saved step (these two are marked slow: the training job's
-tests cover both in the default suite); run_local checkpoints and resumes in one process. Default suite: about
+tests cover both in the default suite); run_local checkpoints and resumes in one process. Progress: rank 0's
+``progress`` lines reach the driver's callback in order (with the workers' output not forwarded), other ranks' are
+dropped; the time-based ``ProgressMeter`` on a fake clock. Default suite: about
 1 min on 2 shared cores (one Ray Train launch); with the slow tests about 5 min under load (each launch spends
 ~45 s starting its workers there).
 """
@@ -58,6 +60,7 @@ def _toy_loop(config: dict) -> None:
                                 "unused_grad_none": unused.grad is None, "weight": model.weight.tolist(),
                                 "restored_step": None if restored is None else restored["step"]}) + "\n")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+        trainer.progress(f"toy step {step} of rank {rank}")
         trainer.report({"step": step, "loss": means["loss"]}, state=state,
                        files={"weights.json": lambda p: p.write_text(json.dumps(model.weight.tolist()))})
         if config.get("stop_at") == step:
@@ -106,7 +109,11 @@ def _cfg(tmp_path: Path, name: str, **kw) -> TrainerConfig:
 def test_two_workers_split_reduce_and_checkpoint(ray_local, tmp_path):
     log = tmp_path / "log"
     log.mkdir()
-    result = trainer.launch(_toy_loop, {"steps": 3, "log_dir": str(log)}, _cfg(tmp_path, "basic"))
+    lines: list[str] = []
+    result = trainer.launch(_toy_loop, {"steps": 3, "log_dir": str(log)}, _cfg(tmp_path, "basic"),
+                            on_progress=lines.append)
+    # rank 0's progress lines, every one and in order, reached the driver (Ray forwards no worker output here)
+    assert lines == [f"toy step {i} of rank 0" for i in (1, 2, 3)]
     r0, r1 = _records(log, 0), _records(log, 1)
     assert [r["step"] for r in r0] == [1, 2, 3] and [r["size"] for r in r0 + r1] == [2] * 6
     rows0, rows1 = r0[0]["rows"], r1[0]["rows"]
@@ -171,7 +178,10 @@ def test_run_local_checkpoints_and_resumes(tmp_path):
     log = tmp_path / "log"
     log.mkdir()
     cfg = TrainerConfig(name="local", storage_path=str(tmp_path / "runs"), num_to_keep=2)
-    first = trainer.run_local(_toy_loop, {"steps": 5, "log_dir": str(log), "stop_at": 3}, cfg)
+    lines: list[str] = []
+    first = trainer.run_local(_toy_loop, {"steps": 5, "log_dir": str(log), "stop_at": 3}, cfg,
+                              on_progress=lines.append)
+    assert lines == [f"toy step {i} of rank 0" for i in (1, 2, 3)]
     assert first.metrics["step"] == 3
     with first.checkpoint.as_directory() as d:
         assert trainer.read_state(d)["step"] == 3
@@ -184,3 +194,37 @@ def test_run_local_checkpoints_and_resumes(tmp_path):
         state = trainer.read_state(d)
     assert state["step"] == 5 and state["optimizer"]["state"][0]["step"] == 5
     assert trainer.world() == (0, 1) and trainer.restore() is None  # nothing leaks out of run_local
+
+
+def test_progress_meter_lines_are_time_based():
+    """A step line at the first step, then once ``every_s`` seconds have passed, and at the last step; the loss is
+    the mean since the previous line, the rate and the ETA leave out time spent aside (evaluations), and a phase
+    that ends before the run names the steps after it."""
+    from jobs.progress import ProgressMeter, duration
+
+    now = [100.0]
+    lines: list[str] = []
+    meter = ProgressMeter("[t]", 10, 30.0, started=90.0, send=lines.append, clock=lambda: now[0],
+                          phase="warm-up", phase_end=4, then="6 main steps")
+    made = []
+    for step in range(1, 11):
+        now[0] += 10.0  # 10 s per step, 8 images per step
+        if step == 4:
+            with meter.aside() as timer:
+                now[0] += 100.0  # an evaluation: in elapsed, not in the rate or the pace
+            assert timer["seconds"] == 100.0
+            meter.note("evaluated")
+            meter.phase(step, "main")
+        made.append(meter.step(step, loss=float(step), samples=8) is not None)
+    assert made == [True, False, False, True, False, False, True, False, False, True]
+    assert lines[0] == "[t] step 1/10 (10%)  loss 1  0.8 images/s  elapsed 20s  ETA 30s + 6 main steps  (warm-up)"
+    # steps 2-4: mean loss 3; 30 s of training (the 100 s aside left out); the main phase has not run a step yet
+    assert lines[1] == "[t] evaluated"
+    assert lines[2] == "[t] step 4/10 (40%)  loss 3  0.8 images/s  elapsed 2m30s  ETA ?  (main)"
+    assert lines[3] == "[t] step 7/10 (70%)  loss 6  0.8 images/s  elapsed 3m00s  ETA 30s  (main)"
+    assert lines[4] == "[t] step 10/10 (100%)  loss 9  0.8 images/s  elapsed 3m30s  ETA 0s  (main)"
+    every = ProgressMeter("[t]", 3, 0.0, send=lines.append, clock=lambda: now[0])
+    assert all(every.step(i, 1.0, 1) for i in (1, 2, 3))  # every_s=0: a line at every step
+    assert [duration(s) for s in (0.4, 59.6, 61, 3600 * 2 + 5 * 60)] == ["0s", "1m00s", "1m01s", "2h05m"]
+    assert trainer.world() == (0, 1)
+    trainer.progress("outside a run: the debug log only")  # must not need Ray or a driver
