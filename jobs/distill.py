@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.args import add_storage_options, float_in, storage_options
+from jobs.args import UsageError, add_storage_options, expand_inputs, float_in, storage_options
 from jobs.progress import duration, print_line
 from jobs.distill_loop import (DEFAULT_PROGRESS_EVERY, RELEASED_DIR, STUDENT_FILE, DistillConfig, InjectedFailure,
                                load_clip_weights, optim_config, train_loop)
@@ -137,7 +137,6 @@ def check_teacher_input(student: Any, teacher: Any) -> None:
 def plan_distill(cfg: DistillConfig) -> dict:
     """Resolve shards and check the student against the teacher or cache, before any worker starts."""
     from pipeline.training.distill_data import InputSpec, check_embeddings_match, embedding_shape
-    from pipeline.inputs.sources import expand_shards
     from pipeline.training.teacher_cache import cache_shards, file_identity, read_cache_info
 
     if bool(cfg.inputs) == bool(cfg.teacher_cache):
@@ -188,14 +187,14 @@ def plan_distill(cfg: DistillConfig) -> dict:
     if cfg.teacher_cache:
         train_urls = cache_shards(cfg.teacher_cache, cfg.storage_options)
     else:
-        train_urls = [ref.url for ref in expand_shards(list(cfg.inputs), cfg.storage_options)]
+        train_urls = [ref.url for ref in expand_inputs("--input", list(cfg.inputs), cfg.storage_options)]
     if len(train_urls) < cfg.num_workers:
         raise ValueError(f"{len(train_urls)} training shard(s) for {cfg.num_workers} workers: every worker needs at "
                          "least one shard; write more, smaller shards or use fewer --num-workers")
     if cfg.heldout_cache:
         heldout_urls = cache_shards(cfg.heldout_cache, cfg.storage_options)
     elif cfg.heldout:
-        heldout_urls = [ref.url for ref in expand_shards(list(cfg.heldout), cfg.storage_options)]
+        heldout_urls = [ref.url for ref in expand_inputs("--heldout", list(cfg.heldout), cfg.storage_options)]
     else:
         heldout_urls = []
         logger.warning("no --heldout or --heldout-cache: the run reports no held-out MSE")
@@ -296,7 +295,6 @@ class _DumpWorker:
 def run_dump(cfg: DumpConfig) -> dict:
     """Dump teacher embeddings for every input shard not yet in the cache; returns a summary."""
     from pipeline.training.distill_data import InputSpec, embedding_shape
-    from pipeline.inputs.sources import expand_shards
     from pipeline.training.teacher_cache import CacheInfo, committed, file_identity, open_cache, write_index
 
     start = time.perf_counter()
@@ -308,7 +306,7 @@ def run_dump(cfg: DumpConfig) -> dict:
     name, sha, size = file_identity(cfg.teacher_checkpoint)
     info = CacheInfo(teacher=teacher.name, checkpoint=name, checkpoint_sha256=sha, checkpoint_bytes=size, spec=spec,
                      embedding_shape=embedding_shape(teacher))
-    shards = expand_shards(list(cfg.inputs), cfg.storage_options)
+    shards = expand_inputs("--input", list(cfg.inputs), cfg.storage_options)
     open_cache(cfg.output, info, cfg.storage_options)
     done = committed(cfg.output, cfg.storage_options)
     todo = [s for s in shards if s.name not in done]
@@ -470,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     # as `ovsam distill`: warnings and errors (-v: info); the progress lines and the summary are printed
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return run(args)
+    try:
+        return run(args)
+    except UsageError as e:  # exit 2, as `ovsam distill` does
+        print(f"ovsam distill: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -259,3 +259,29 @@ def test_grid_settings_reach_the_generator_and_the_config_hash(tmp_path):
     # the grid's filters do not enter other runs' hashes: those resume as before
     side = hashed_config(cfg("--stability-score-thresh", "0.5"), None, "v")
     assert side == hashed_config(cfg(), None, "v") and "stability_score_thresh" not in side
+
+
+@pytest.mark.parametrize("mode", ["online", "heldout", "dump"])
+def test_distill_inputs_that_do_not_expand_exit_2(tmp_path, capsys, monkeypatch, no_ray, mode):
+    """``ovsam distill --input/--heldout`` and ``--dump-teacher --input``: a spec that does not expand is a usage
+    error named by its flag, by both entry points, before Ray starts or anything is written."""
+    from jobs import distill
+    from pipeline.training.packers.synthetic import pack_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    nothing = str(tmp_path / "nothing-*.tar")
+    if mode == "heldout":
+        pack_synthetic(str(tmp_path / "data"), kind="mask", num_train=2, num_heldout=1, samples_per_shard=1)
+        train = str(tmp_path / "data" / "train" / "*.tar")
+    common = ["--student", "ovsam-tiny", "--teacher", "sam-tiny"]
+    argv = {"online": [*common, "--input", nothing, "--name", "r", "--storage-path", "runs"],
+            "heldout": [*common, "--input", train if mode == "heldout" else "", "--heldout", nothing, "--name", "r",
+                        "--storage-path", "runs"],
+            "dump": ["--dump-teacher", "--teacher", "sam-tiny", "--input", nothing, "--output", "cache"]}[mode]
+    flag = "--heldout" if mode == "heldout" else "--input"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for entry, prefix in ((main, ["distill"]), (distill.main, [])):
+        rc, err = _run_main(entry, [*prefix, *argv], capsys)
+        assert rc == 2 and flag in err and "nothing-*.tar" in err and "Traceback" not in err, err
+        assert err.startswith("ovsam distill: error: "), err
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "a usage error writes nothing"
