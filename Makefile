@@ -11,13 +11,13 @@ TORCHVISION := 0.29.1
 .PHONY: install demo test test-all clean
 
 # torch goes in first, alone and with the exact pins, so that pip picks that build (on the project's machines it
-# lies on local disk) before anything else can ask for another. Each step says what it does; pip itself is quiet.
+# lies on local disk) before anything else can ask for another. Each step says what it does; pip prints only errors.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating the virtual environment $(VENV)..." && $(PYTHON) -m venv $(VENV); }
 	@echo "installing torch $(TORCH) and torchvision $(TORCHVISION) into $(VENV) (a few minutes on the first run)..."
-	@$(PY) -m pip install --quiet "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
+	@$(PY) -m pip install --quiet --quiet "torch==$(TORCH)" "torchvision==$(TORCHVISION)"
 	@echo "installing the project with its dependencies and extras (pip install -e '.[all]')..."
-	@$(PY) -m pip install --quiet -e ".[all]"
+	@$(PY) -m pip install --quiet --quiet -e ".[all]"
 	@touch $(STAMP)
 	@echo "installed; $(VENV) is ready"
 

@@ -74,11 +74,16 @@ def test_ray_job_submit_runs_the_annotation_job_on_a_local_head(tmp_path):
                 break
             assert time.monotonic() < deadline, ok.stdout + ok.stderr
             time.sleep(1.0)
-        job = subprocess.run(
-            [f"{bin_dir}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "-m",
-             "jobs.annotate", "--input", str(images), "--output", str(out), "--prompts", "whole-image",
-             "--images-per-shard", "4", "--workers", "1", "--cpus-per-worker", "1", "-q"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        deadline = time.monotonic() + 90
+        while True:  # the job server refuses a submission until the node's dashboard agent has registered
+            job = subprocess.run(
+                [f"{bin_dir}/ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "-m",
+                 "jobs.annotate", "--input", str(images), "--output", str(out), "--prompts", "whole-image",
+                 "--images-per-shard", "4", "--workers", "1", "--cpus-per-worker", "1", "-q"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            if job.returncode == 0 or "No available agent" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout + job.stderr
     finally:
