@@ -388,9 +388,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="report metrics to Ray Train every N steps, each report carrying the per-step losses since "
                         "the previous one (default: 20; Ray Train 2.60 takes about one report per 2 s)")
     p.add_argument("--progress-every", type=float_in(0.0), default=DEFAULT_PROGRESS_EVERY, metavar="SECONDS",
-                   help=f"seconds between progress lines while training (step/total, loss, images/s, elapsed, ETA; "
-                        f"also at the first and last step, and each held-out MSE; 0 = every step; default "
-                        f"{DEFAULT_PROGRESS_EVERY:g})")
+                   help=f"the most seconds between progress lines while training (step/total, loss, images/s, "
+                        f"elapsed, ETA; also at the first and last step, and each held-out MSE; 0 = every step; "
+                        f"default {DEFAULT_PROGRESS_EVERY:g})")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress lines, and no line per shard of --dump-teacher (errors and the final summary "
                         "still print)")

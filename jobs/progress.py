@@ -23,11 +23,17 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+#: What a line may take from the meter to the terminal: the driver polls rank 0's lines every 0.5 s.
+DELIVERY_S = 1.0
+
+
 class ProgressMeter:
     """Time-based progress lines of a training loop, sent with ``send`` (in a loop: ``jobs.trainer.progress``).
     Call :meth:`step` after every optimiser step; it makes a line at the first step of the run (or of the resumed
-    run), at the last step, and whenever ``every_s`` seconds have passed since the previous step line (``every_s=0``:
-    every step)::
+    run), at the last step, and at the last step that ends before ``every_s`` seconds have passed since the previous
+    step line, judged by the length of the step just made and ``DELIVERY_S`` for the line to reach the terminal, so
+    that lines are never more than ``every_s`` apart while steps are shorter than that (``every_s=0``: every
+    step)::
 
         [train] step 30/2000 (2%)  loss 2.0  22.6 images/s  elapsed 19s  ETA 6m58s + 800 CLIP2SAM steps  (trunk warm-up)
         [train] step 1400/2000 (70%)  loss 1.032  13.9 images/s  elapsed 4m41s  ETA 2m55s  (CLIP2SAM)
@@ -45,7 +51,8 @@ class ProgressMeter:
         self.tag, self.total, self.every_s, self.unit, self.send, self.clock = tag, total, every_s, unit, send, clock
         self.first = start_step + 1
         now = clock()
-        self._last = now
+        self._last = self._prev_step = now
+        self._aside_since_step = 0.0
         self.started = now if started is None else started
         self._losses: list[float] = []
         self._samples, self._window, self._window_aside = 0, now, 0.0
@@ -67,6 +74,7 @@ class ProgressMeter:
         finally:
             timer["seconds"] = self.clock() - start
             self._window_aside += timer["seconds"]
+            self._aside_since_step += timer["seconds"]
             self._phase_aside += timer["seconds"]
 
     def note(self, text: str) -> None:
@@ -77,7 +85,10 @@ class ProgressMeter:
         self._losses.append(float(loss))
         self._samples += samples
         now = self.clock()
-        if not (step == self.first or step >= self.total or now - self._last >= self.every_s):
+        step_s = max(now - self._prev_step - self._aside_since_step, 0.0)  # the step just made, evaluations aside
+        self._prev_step, self._aside_since_step = now, 0.0
+        due = now - self._last + step_s + DELIVERY_S >= self.every_s  # the next step's line would come too late
+        if not (step == self.first or step >= self.total or due):
             return None
         busy = max(now - self._window - self._window_aside, 1e-9)
         done = step - self._phase_step

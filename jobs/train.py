@@ -155,9 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps between metric reports to Ray Train (every step is also logged at INFO, shown "
                         "with -v; default 10)")
     p.add_argument("--progress-every", type=float_in(0.0), default=DEFAULT_PROGRESS_EVERY, metavar="SECONDS",
-                   help=f"seconds between progress lines (step/total, loss, images/s, elapsed, ETA; also at the "
-                        f"first and last step, and each held-out evaluation's result; 0 = every step; default "
-                        f"{DEFAULT_PROGRESS_EVERY:g})")
+                   help=f"the most seconds between progress lines (step/total, loss, images/s, elapsed, ETA; "
+                        f"also at the first and last step, and each held-out evaluation's result; 0 = every "
+                        f"step; default {DEFAULT_PROGRESS_EVERY:g})")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress lines (errors and the final summary still print)")
     p.add_argument("--loader-workers", type=int, default=0,

@@ -197,7 +197,7 @@ def test_run_local_checkpoints_and_resumes(tmp_path):
 
 
 def test_progress_meter_lines_are_time_based():
-    """A step line at the first step, then once ``every_s`` seconds have passed, and at the last step; the loss is
+    """A step line at the first step, at the last step, and often enough that no two are ``every_s`` apart; the loss is
     the mean since the previous line, the rate and the ETA leave out time spent aside (evaluations), and a phase
     that ends before the run names the steps after it."""
     from jobs.progress import ProgressMeter, duration
@@ -216,13 +216,17 @@ def test_progress_meter_lines_are_time_based():
             meter.note("evaluated")
             meter.phase(step, "main")
         made.append(meter.step(step, loss=float(step), samples=8) is not None)
-    assert made == [True, False, False, True, False, False, True, False, False, True]
+    # a line at the first and last steps, and at the last step before 30 s would have passed since the previous
+    # line (10 s steps and the line's delivery time): never more than 30 s between lines
+    assert made == [True, False, True, True, False, True, False, True, False, True]
     assert lines[0] == "[t] step 1/10 (10%)  loss 1  0.8 images/s  elapsed 20s  ETA 30s + 6 main steps  (warm-up)"
-    # steps 2-4: mean loss 3; 30 s of training (the 100 s aside left out); the main phase has not run a step yet
-    assert lines[1] == "[t] evaluated"
-    assert lines[2] == "[t] step 4/10 (40%)  loss 3  0.8 images/s  elapsed 2m30s  ETA ?  (main)"
-    assert lines[3] == "[t] step 7/10 (70%)  loss 6  0.8 images/s  elapsed 3m00s  ETA 30s  (main)"
-    assert lines[4] == "[t] step 10/10 (100%)  loss 9  0.8 images/s  elapsed 3m30s  ETA 0s  (main)"
+    assert lines[1] == "[t] step 3/10 (30%)  loss 2.5  0.8 images/s  elapsed 40s  ETA 10s + 6 main steps  (warm-up)"
+    # step 4: 10 s of training (the 100 s aside left out); the main phase has not run a step yet
+    assert lines[2] == "[t] evaluated"
+    assert lines[3] == "[t] step 4/10 (40%)  loss 4  0.8 images/s  elapsed 2m30s  ETA ?  (main)"
+    assert lines[4] == "[t] step 6/10 (60%)  loss 5.5  0.8 images/s  elapsed 2m50s  ETA 40s  (main)"
+    assert lines[5] == "[t] step 8/10 (80%)  loss 7.5  0.8 images/s  elapsed 3m10s  ETA 20s  (main)"
+    assert lines[6] == "[t] step 10/10 (100%)  loss 9.5  0.8 images/s  elapsed 3m30s  ETA 0s  (main)"
     every = ProgressMeter("[t]", 3, 0.0, send=lines.append, clock=lambda: now[0])
     assert all(every.step(i, 1.0, 1) for i in (1, 2, 3))  # every_s=0: a line at every step
     assert [duration(s) for s in (0.4, 59.6, 61, 3600 * 2 + 5 * 60)] == ["0s", "1m00s", "1m01s", "2h05m"]
