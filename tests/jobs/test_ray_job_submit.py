@@ -58,9 +58,13 @@ def test_ray_job_submit_runs_the_annotation_job_on_a_local_head(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", PATH=bin_dir + os.pathsep + env.get("PATH", ""))
     port, dashboard = _free_port(), _free_port()
+    # every port of its own: another Ray instance on the machine (a suite running beside this one) holds the
+    # defaults, and a dashboard agent that cannot bind its port leaves the job server with no agent to submit to
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     head = subprocess.Popen([f"{bin_dir}/ray", "start", "--head", "--block", f"--port={port}",
                              f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                             *agent_ports, f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
     try:
