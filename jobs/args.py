@@ -166,6 +166,18 @@ def check_output_shards(flag: str, shards: list[str] | None, output: str, storag
                   images_per_shard=recorded.get("images_per_shard"), url_column=recorded.get("url_column"))
 
 
-__all__ = ["STORAGE_HELP", "UsageError", "add_grid_arguments", "add_storage_options", "check_ovsam_model",
+def add_progress_arguments(p: argparse.ArgumentParser, default: float, *, evaluations: str,
+                           also_quiet: str = "") -> None:
+    """``--progress-every SECONDS`` and ``-q/--quiet`` of the training commands (``ovsam train``, ``ovsam
+    distill``); ``evaluations`` names what else gets a line, ``also_quiet`` what else ``-q`` silences."""
+    p.add_argument("--progress-every", type=float_in(0.0), default=default, metavar="SECONDS",
+                   help=f"the most seconds between progress lines while training (step/total, loss, images/s, "
+                        f"elapsed, ETA; also at the first and last step, and {evaluations}; 0 = every step; "
+                        f"default {default:g})")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help=f"no progress lines{also_quiet} (errors and the final summary still print)")
+
+
+__all__ = ["STORAGE_HELP", "UsageError", "add_grid_arguments", "add_progress_arguments", "add_storage_options", "check_ovsam_model",
            "check_output_shards", "expand_inputs", "float_in", "int_at_least", "json_object", "non_negative_int",
            "positive_int", "storage_options"]

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.args import UsageError, add_storage_options, expand_inputs, float_in, storage_options
+from jobs.args import UsageError, add_progress_arguments, add_storage_options, expand_inputs, storage_options
 from jobs.progress import duration, print_line
 from jobs.distill_loop import (DEFAULT_PROGRESS_EVERY, RELEASED_DIR, STUDENT_FILE, DistillConfig, InjectedFailure,
                                load_clip_weights, optim_config, train_loop)
@@ -387,13 +387,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-every", type=int, default=20,
                    help="report metrics to Ray Train every N steps, each report carrying the per-step losses since "
                         "the previous one (default: 20; Ray Train 2.60 takes about one report per 2 s)")
-    p.add_argument("--progress-every", type=float_in(0.0), default=DEFAULT_PROGRESS_EVERY, metavar="SECONDS",
-                   help=f"the most seconds between progress lines while training (step/total, loss, images/s, "
-                        f"elapsed, ETA; also at the first and last step, and each held-out MSE; 0 = every step; "
-                        f"default {DEFAULT_PROGRESS_EVERY:g})")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress lines, and no line per shard of --dump-teacher (errors and the final summary "
-                        "still print)")
+    add_progress_arguments(p, DEFAULT_PROGRESS_EVERY, evaluations="each held-out MSE",
+                           also_quiet=", and no line per shard of --dump-teacher")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="samples held for shuffling per loader")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per training worker")

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.progress import DEFAULT_PROGRESS_EVERY
+
 logger = logging.getLogger(__name__)
 
 STAGE = "sam2clip"
@@ -25,7 +27,6 @@ STUDENT_FILE = "student.safetensors"
 RELEASED_DIR = "released"
 PUBLISHED_TOTAL_BATCH = 16  # 2 images x 8 GPUs; the base of auto_scale_lr
 SHORT_RUN_WARMUP_FRACTION = 0.05
-DEFAULT_PROGRESS_EVERY = 30.0  # seconds between progress lines (and at the first and last step)
 
 
 @dataclass(frozen=True)

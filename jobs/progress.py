@@ -23,6 +23,9 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+#: The most seconds between progress lines unless ``--progress-every`` says otherwise.
+DEFAULT_PROGRESS_EVERY = 30.0
+
 #: What a line may take from the meter to the terminal: the driver polls rank 0's lines every 0.5 s.
 DELIVERY_S = 1.0
 

@@ -79,7 +79,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.args import add_storage_options, float_in
+from jobs.args import add_progress_arguments, add_storage_options
 from jobs.args import storage_options as parse_storage_options
 from jobs.progress import print_line
 from jobs.train_config import (DEFAULT_MASK_POINTS, DEFAULT_PROGRESS_EVERY, MODEL_FILE, PUBLISHED_BATCH,
@@ -154,12 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-every", type=int, default=10,
                    help="steps between metric reports to Ray Train (every step is also logged at INFO, shown "
                         "with -v; default 10)")
-    p.add_argument("--progress-every", type=float_in(0.0), default=DEFAULT_PROGRESS_EVERY, metavar="SECONDS",
-                   help=f"the most seconds between progress lines (step/total, loss, images/s, elapsed, ETA; "
-                        f"also at the first and last step, and each held-out evaluation's result; 0 = every "
-                        f"step; default {DEFAULT_PROGRESS_EVERY:g})")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress lines (errors and the final summary still print)")
+    add_progress_arguments(p, DEFAULT_PROGRESS_EVERY, evaluations="each held-out evaluation's result")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader processes per training worker and dataset (default 0: decode in the loop)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data mixture and the prompts (default: 0)")

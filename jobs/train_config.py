@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jobs.progress import DEFAULT_PROGRESS_EVERY
 from ovsam.config import ROI_BOX_RULES
 from pipeline.training.train_specs import DatasetSpec
 
@@ -23,7 +24,6 @@ PUBLISHED_LR = 1e-4
 PUBLISHED_BATCH = 16
 PUBLISHED_CLIP = 0.01
 DEFAULT_MASK_POINTS = 1024
-DEFAULT_PROGRESS_EVERY = 30.0  # seconds between progress lines (and at the first and last step)
 # The short-run recipe for the random-init ovsam-tiny on `ovsam pack synthetic` data (the first example above;
 # used by `make demo` and the tests), per worker on 2 workers; the module docstring says why each setting.
 SYNTHETIC_RECIPE: dict[str, Any] = {"trunk_warmup": 1200, "steps": 800, "batch_size": 4, "num_prompts": 10,
