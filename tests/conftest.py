@@ -31,3 +31,14 @@ def seed() -> int:
     np.random.seed(value)
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance of 2 CPUs for the module's tests; ``address="local"`` starts one of our own even when
+    other Ray instances run on this machine."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

@@ -30,16 +30,6 @@ OTHER_NAMES = ["dog", "bicycle", "teapot", "violin", "umbrella"]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": a fresh instance of our own, even when other Ray instances run on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     write_corpus(root)

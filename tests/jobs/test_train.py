@@ -61,15 +61,6 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _config(shards: Path, storage: Path, name: str, **kw) -> TrainJobConfig:
     args = {**TRAIN_ARGS, **kw}
     return TrainJobConfig(datasets=(DatasetSpec("synthetic", str(shards / "mask" / "train"), "mask", 1.0),),

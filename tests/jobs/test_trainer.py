@@ -93,15 +93,6 @@ def test_launch_rejects_bad_sizes(tmp_path):
         trainer.launch(_toy_loop, {}, TrainerConfig(name="x", storage_path=str(tmp_path), num_workers=0))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp_path: Path, name: str, **kw) -> TrainerConfig:
     return TrainerConfig(name=name, storage_path=str(tmp_path / "runs"), num_workers=2, cpus_per_worker=1.0, **kw)
 
