@@ -30,8 +30,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobs.args import (PRECISIONS, UsageError, add_grid_arguments, add_storage_options, check_ovsam_model,
-                       expand_inputs, float_in, positive_int, storage_options)
+from jobs.args import (PRECISIONS, UsageError, add_detector_arguments, add_grid_arguments, add_storage_options,
+                       check_detector, check_ovsam_model, expand_inputs, float_in, positive_int, storage_options)
+from pipeline.annotate.detectors.spec import detector_options, parse_prompt_source
 from pipeline.annotate.stages import ModelStageConfig
 
 logger = logging.getLogger(__name__)
@@ -78,13 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocabulary", default="coco",
                    help="built-in (coco, lvis, imagenet21k), a text class list, or a saved vocabulary")
     p.add_argument("--prompts", default="sidecar",
-                   help="sidecar (boxes/points in each sample's json), detector:<torchvision model>, grid, "
-                        "whole-image (default: sidecar)")
-    p.add_argument("--detector-weights", default=None, help="state dict for --prompts detector:<name>")
-    p.add_argument("--detector-score-thresh", type=float_in(0.0, 1.0), default=0.5,
-                   help="detector boxes below this score are dropped (default: 0.5)")
-    p.add_argument("--max-detections", type=positive_int, default=100,
-                   help="at most this many detector boxes per image (default: 100)")
+                   help="sidecar (boxes/points in each sample's json); detector:<owlv2|owlvit|grounding-dino|"
+                        "mm-grounding-dino> (an open-vocabulary detector queried with the vocabulary) or "
+                        "detector:<torchvision model>; proposals:owlv2 or proposals:<torchvision two-stage model> "
+                        "(class-agnostic boxes); grid; whole-image (default: sidecar)")
+    add_detector_arguments(p)
     p.add_argument("--top-k", type=positive_int, default=5, help="alternative labels stored per instance (default: 5)")
     p.add_argument("--store-embeddings", action="store_true",
                    help="store float16 region embeddings so `ovsam relabel` can re-label without the images")
@@ -129,23 +128,37 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
 
 
 def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_hash: str | None,
-                  precision: str | None = None) -> dict[str, Any]:
+                  precision: str | None = None, detector_hash: str | None = None) -> dict[str, Any]:
     """The settings that change results (and so the config hash). ``precision`` is the resolved precision the
     workers run (``fp32``/``bf16``/``fp16``; default: ``cfg.stage.precision`` unless that is ``auto``, then fp32)."""
     st = cfg.stage
     if precision is None:
         precision = "fp32" if st.precision == "auto" else st.precision
+    source = parse_prompt_source(st.prompts)
     return {
         "model": st.model, "checkpoint_sha256": checkpoint_hash, "vocabulary": st.vocabulary,
-        "vocabulary_hash": vocabulary_hash, "prompts": st.prompts, "detector_score_thresh": st.detector_score_thresh,
+        "vocabulary_hash": vocabulary_hash, "prompts": st.prompts,
+        "detector_score_thresh": 0.5 if st.detector_score_thresh is None else st.detector_score_thresh,
         "max_detections": st.max_detections, "top_k": st.top_k, "store_embeddings": st.store_embeddings,
         "points_per_side": st.points_per_side, "max_pixels": cfg.max_pixels, "precision": precision,
         # the grid's filters change only grid runs' results (and only their hash, so other runs resume as before)
         **({"stability_score_thresh": st.stability_score_thresh, "box_nms_thresh": st.box_nms_thresh,
             "pred_iou_thresh": st.pred_iou_thresh, "min_mask_area": st.min_mask_area}
            if st.prompts == "grid" else {}),
+        **(detector_record(st, detector_hash) if source.uses_detector else {}),
         "compile": bool(st.compile),
     }
+
+
+def detector_record(st: ModelStageConfig, weights_hash: str | None) -> dict[str, Any]:
+    """What run.json and the config hash hold of a detector or proposal source: its name, its weights' hash, and
+    its resolved template and thresholds."""
+    options = detector_options(st)
+    source = parse_prompt_source(st.prompts)
+    return {"detector": source.spec, "detector_weights": st.detector_weights, "detector_weights_sha256": weights_hash,
+            "detector_score_thresh": options.score_thresh, "detector_nms_thresh": options.nms_thresh,
+            "max_detections": options.max_detections,
+            **({"detector_template": options.template} if source.open_vocabulary else {})}
 
 
 def workers_device(cfg: AnnotateConfig) -> str:
@@ -294,8 +307,6 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
     """Every check that needs no Ray and writes nothing, run on the driver before anything starts: numeric ranges,
     the prompt mode, the detector (built once from its weights), the model name, the checkpoint file and the
     output location. Raises :class:`jobs.args.UsageError` (exit 2) naming the option."""
-    from pipeline.annotate.proposals import TorchvisionDetector, parse_prompt_mode
-
     st = cfg.stage
     for flag, value, minimum in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 1),
                                  ("--max-pixels", cfg.max_pixels, 1), ("--limit", cfg.limit, 1),
@@ -304,31 +315,28 @@ def validate_config(cfg: AnnotateConfig, fs: Any, root: str) -> None:
                                  ("--min-mask-area", st.min_mask_area, 0)):
         if value is not None and value < minimum:
             raise UsageError(f"{flag} must be >= {minimum}, got {value}")
-    for flag, value in (("--detector-score-thresh", st.detector_score_thresh),
+    for flag, value in (("--detector-score-thresh", 0.5 if st.detector_score_thresh is None else
+                         st.detector_score_thresh),
+                        ("--detector-nms-thresh", 1.0 if st.detector_nms_thresh is None else st.detector_nms_thresh),
                         ("--stability-score-thresh", st.stability_score_thresh),
                         ("--box-nms-thresh", st.box_nms_thresh), ("--pred-iou-thresh", st.pred_iou_thresh)):
         if not 0.0 <= value <= 1.0:
             raise UsageError(f"{flag} must be in [0, 1], got {value}")
     if st.precision not in PRECISION_CHOICES:
         raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {st.precision!r}")
-    try:
-        mode, detector = parse_prompt_mode(st.prompts)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if mode != "detector" and st.detector_weights:
-        raise UsageError(f"--detector-weights is only used with --prompts detector:<name>, not --prompts {st.prompts}")
-    if mode == "detector":
-        if not st.detector_weights:
-            raise UsageError(f"--prompts {st.prompts} needs --detector-weights (a local state dict file)")
-        try:
-            TorchvisionDetector(detector, st.detector_weights, device="cpu")
-        except FileNotFoundError:
-            raise UsageError(f"--detector-weights {st.detector_weights}: no such file") from None
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise UsageError(f"--prompts {st.prompts} with --detector-weights {st.detector_weights}: {e}") from None
+    check_detector(st.prompts, st.detector_weights, st.vocabulary, detector_options_or_usage(st))
     check_ovsam_model(st.model, st.checkpoint)
     if fs.isfile(root):
         raise UsageError(f"--output {cfg.output} is a file; pass a directory (a local path or a URL)")
+
+
+def detector_options_or_usage(st: ModelStageConfig) -> Any:
+    """The resolved detector options (:func:`pipeline.annotate.stages.detector_options`); a bad value or prompt
+    mode is a :class:`UsageError`."""
+    try:
+        return detector_options(st)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def run_annotate(cfg: AnnotateConfig) -> Any:
@@ -358,7 +366,11 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     except (ValueError, OSError) as e:
         raise UsageError(f"--vocabulary {cfg.stage.vocabulary}: {e}") from None
     device, precision = resolve_job_precision(cfg)
-    hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash, precision)
+    from pipeline.annotate.detectors.hf import weights_fingerprint
+
+    detector_hash = weights_fingerprint(cfg.stage.detector_weights) if cfg.stage.detector_weights else None
+    hashed = hashed_config(cfg, _file_sha256(cfg.stage.checkpoint), vocabulary.content_hash, precision,
+                           detector_hash)
     chash = config_hash(hashed)
     ledger = Ledger(fs, root)
     ledger.check_config(chash, hashed, overwrite=cfg.overwrite)

@@ -113,6 +113,60 @@ def add_grid_arguments(g: Any) -> None:
                    help="drop masks with fewer pixels (default: 0)")
 
 
+def add_detector_arguments(g: Any) -> None:
+    """The options of a detector or proposal source (``--prompts detector:<name>`` / ``proposals:<name>``), shared
+    by ``annotate``, ``predict`` and ``serve``. Defaults that depend on the source are documented in
+    ``docs/annotate.md`` and ``pipeline/annotate/detectors/spec.py``."""
+    g.add_argument("--detector-weights", default=None, metavar="PATH",
+                   help="an open-vocabulary detector's save_pretrained directory (or Hugging Face id where the "
+                        "network allows), or a torchvision detector's state dict file")
+    g.add_argument("--detector-score-thresh", type=float_in(0.0, 1.0), default=None, metavar="S",
+                   help="drop detector boxes scoring below this (default by source: owlv2/owlvit 0.1, "
+                        "grounding-dino 0.35, proposals 0.0, torchvision detectors 0.5)")
+    g.add_argument("--detector-nms-thresh", type=float_in(0.0, 1.0), default=None, metavar="IOU",
+                   help="class-agnostic NMS IoU between detector boxes; 1.0 turns it off (default by source: "
+                        "owl 0.3, grounding-dino 0.5, torchvision 1.0)")
+    g.add_argument("--detector-template", default=None, metavar="TEXT",
+                   help="text query made of each synonym, with {} for it (default: 'a photo of a {}')")
+    g.add_argument("--detector-batch-size", type=positive_int, default=8, metavar="N",
+                   help="images per detector call (default: 8)")
+    g.add_argument("--max-detections", type=positive_int, default=100,
+                   help="at most this many detector boxes per image (default: 100, COCO's maxDets)")
+
+
+def check_detector(prompts: str, weights: str | None, vocabulary: str | None, options: Any) -> None:
+    """Everything about ``--prompts`` and its detector that can be checked before work starts: the source exists,
+    its weights are there and of its type (a torchvision detector is built once from them), ``proposals:`` names
+    a detector with a proposal head, and an open-vocabulary detector has a class to query in ``vocabulary``.
+    Raises :class:`UsageError`."""
+    from pipeline.annotate.detectors.build import build_proposer, check_source
+    from pipeline.annotate.detectors.spec import parse_prompt_source
+
+    try:
+        source = parse_prompt_source(prompts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    names = synonyms = split = None
+    if source.open_vocabulary and vocabulary is not None:
+        from ovsam.vocabulary import Vocabulary
+
+        try:
+            names, synonyms, split = Vocabulary.read_spec(vocabulary)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--vocabulary {vocabulary}: {e}") from None
+    try:
+        check_source(source, weights, names=names, synonyms=synonyms, split=split, options=options)
+        if source.family == "torchvision":
+            build_proposer(source, weights, options=options, device="cpu")
+    except FileNotFoundError:
+        raise UsageError(f"--detector-weights {weights}: no such file or directory") from None
+    except ImportError as e:
+        raise UsageError(f"--prompts {prompts}: {e}") from None
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UsageError(f"--prompts {prompts}" + (f" with --detector-weights {weights}" if weights else "")
+                         + f": {e}") from None
+
+
 def check_ovsam_model(model: str, checkpoint: str | None) -> None:
     """``--model`` names an OV-SAM config (built-in name or JSON file) and ``--checkpoint``, if given, exists (any
     fsspec URL). Raises :class:`UsageError`. Torch-free."""

@@ -13,7 +13,9 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "3"
 STATUSES = ("ok", "decode_error", "bad_prompt", "no_prompts", "model_error")
-PROMPT_TYPES = ("box", "point", "grid", "whole_image", "detector")
+#: ``prompt_type`` values: sidecar and whole-image boxes, points, grid points, and the ``--prompts`` source
+#: (``detector:<name>``, ``proposals:<name>``) for boxes a detector or proposal head made
+PROMPT_TYPES = ("box", "point", "grid", "detector:<name>", "proposals:<name>")
 
 RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 

@@ -1,5 +1,6 @@
 """Box proposals for the annotation job: the sample's own sidecar boxes, a torchvision detector, or the whole
-image. (Point-grid "everything" mode is run by the model stage through ``ovsam.OvsamMaskGenerator``.)
+image. Open-vocabulary detectors and class-agnostic proposals are in ``pipeline/annotate/detectors/``; point-grid
+"everything" mode is run by the model stage through ``ovsam.OvsamMaskGenerator``.
 
 Plain callables: no Ray here.
 """
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+# ``--prompts`` is parsed beside the sources it names (pipeline/annotate/detectors/spec.py)
+from pipeline.annotate.detectors.spec import PROMPT_MODES, parse_prompt_mode  # noqa: F401
 
-PROMPT_MODES = ("sidecar", "detector", "grid", "whole-image")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,21 +31,6 @@ class Proposals:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0] + self.points.shape[0])
-
-
-def parse_prompt_mode(spec: str) -> tuple[str, str | None]:
-    """``sidecar`` | ``grid`` | ``whole-image`` | ``detector:<torchvision detection model>`` -> (mode, detector)."""
-    mode, _, arg = spec.partition(":")
-    if mode not in PROMPT_MODES:
-        raise ValueError(f"unknown --prompts {spec!r}; expected one of sidecar, grid, whole-image, "
-                         "detector:<torchvision model>")
-    if mode == "detector":
-        if not arg:
-            raise ValueError("--prompts detector needs a model name, e.g. detector:fasterrcnn_resnet50_fpn_v2")
-        return mode, arg
-    if arg:
-        raise ValueError(f"--prompts {mode} takes no argument, got {spec!r}")
-    return mode, None
 
 
 def whole_image(width: int, height: int) -> Proposals:
@@ -64,6 +51,7 @@ class TorchvisionDetector:
         weights: str | Path,
         *,
         score_thresh: float = 0.5,
+        nms_thresh: float = 1.0,
         max_detections: int = 100,
         categories: list[str] | None = None,
         device: str = "cpu",
@@ -88,6 +76,7 @@ class TorchvisionDetector:
         self.model = model.eval().to(device)
         self.device = device
         self.score_thresh = float(score_thresh)
+        self.nms_thresh = float(nms_thresh)
         self.max_detections = int(max_detections)
         n = num_classes or 91
         if categories is None and n == 91:
@@ -108,6 +97,12 @@ class TorchvisionDetector:
         result = []
         for out in outputs:
             keep = out["scores"] >= self.score_thresh
+            if self.nms_thresh < 1.0:  # class-agnostic, over the per-class NMS the model already ran
+                import torchvision
+
+                kept = torch.nonzero(keep).flatten()
+                keep = torch.zeros_like(keep)
+                keep[kept[torchvision.ops.nms(out["boxes"][kept], out["scores"][kept], self.nms_thresh)]] = True
             boxes = out["boxes"][keep][: self.max_detections].cpu().double().numpy()
             scores = out["scores"][keep][: self.max_detections].cpu().tolist()
             ids = out["labels"][keep][: self.max_detections].cpu().tolist()

@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.annotate.proposals import Proposals, TorchvisionDetector, parse_prompt_mode, whole_image
+from pipeline.annotate.detectors.spec import detector_options, parse_prompt_source
+from pipeline.annotate.proposals import Proposals, whole_image
 from pipeline.annotate.masks import encode_masks, rle_areas, rle_layout
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ class ModelStageConfig:
     vocabulary: str = "coco"
     prompts: str = "sidecar"
     detector_weights: str | None = None
-    detector_score_thresh: float = 0.5
+    detector_score_thresh: float | None = None
+    detector_nms_thresh: float | None = None
+    detector_template: str | None = None
+    detector_batch_size: int = 8
     max_detections: int = 100
     top_k: int = 5
     store_embeddings: bool = False
@@ -132,13 +136,6 @@ class ModelOutput:
     num_prompts: int = 0
     chunks: list[PromptChunk] = field(default_factory=list)
 
-
-
-
-
-
-
-
 def _np(v: Any) -> Any:
     return v.detach().cpu().numpy() if hasattr(v, "detach") else v
 
@@ -162,12 +159,15 @@ class Annotator:
         self.vocabulary = ovsam.Vocabulary.resolve(config.vocabulary, self.model, progress=False)
         # masks become RLE on an accelerator (only the RLE leaves it); see _device_rles
         self.device_rle = self.model.device.type != "cpu"
-        self.mode, detector = parse_prompt_mode(config.prompts)
+        self.source = parse_prompt_source(config.prompts)
+        self.mode = self.source.mode
         self.detector = None
-        if self.mode == "detector":
-            self.detector = TorchvisionDetector(detector, config.detector_weights,
-                                                score_thresh=config.detector_score_thresh,
-                                                max_detections=config.max_detections, device=config.device)
+        if self.source.uses_detector:  # in this actor, on its device, at the model's precision
+            from pipeline.annotate.detectors.build import build_proposer
+
+            self.detector = build_proposer(self.source, config.detector_weights, options=detector_options(config),
+                                           vocabulary=self.vocabulary, device=config.device,
+                                           precision=self.precision)
         self.generator = None
         if self.mode == "grid":
             self.generator = ovsam.OvsamMaskGenerator(
@@ -253,7 +253,7 @@ class Annotator:
         if self.mode == "whole-image":
             for s in ok:
                 s.proposals = whole_image(s.image.shape[1], s.image.shape[0])
-        elif self.mode == "detector" and ok:
+        elif self.detector is not None and ok:
             try:
                 for s, props in zip(ok, self.detector([s.image for s in ok])):
                     s.proposals = props
@@ -312,7 +312,7 @@ class Annotator:
         try:
             prepared = [self._prepared(s) for s in samples]
             features = B.encode_images(self.model, torch.stack([p.tensor for p in prepared]))
-            box_type = "box" if self.mode != "detector" else "detector"
+            box_type = self.source.spec if self.detector is not None else "box"
             out = []
             for i, (s, p) in enumerate(zip(samples, prepared)):
                 props = s.proposals

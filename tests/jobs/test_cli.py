@@ -154,7 +154,8 @@ try:
     rc = main(sys.argv[1:])
 except SystemExit as e:
     rc = e.code
-heavy = sorted(m for m in ("torch", "ray", "torchvision", "open_clip", "segment_anything") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "ray", "torchvision", "open_clip", "segment_anything", "transformers")
+               if m in sys.modules)
 print(json.dumps({"rc": rc, "heavy": heavy}), file=sys.stderr)
 """
 

@@ -113,7 +113,7 @@ def test_grid_and_detector_modes(vocab_file, tmp_path):
                                      max_detections=3))
     out = ann([_sample("x")])
     rows = out[0].instance_rows
-    assert len(rows) == 3 and all(r["prompt_type"] == "detector" for r in rows)
+    assert len(rows) == 3 and all(r["prompt_type"] == "detector:ssdlite320_mobilenet_v3_large" for r in rows)
     assert all(isinstance(r["detector_score"], float) and isinstance(r["detector_label"], str) for r in rows)
 
 
