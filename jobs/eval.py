@@ -2,13 +2,17 @@
 
     ovsam eval coco --gt instances_val2017.json --pred out/            # mask and box AP, all / base / novel
     ovsam eval coco --gt gt.json --pred out/ --vocabulary coco --json ap.json
+    ovsam eval coco --gt gt.json --pred out/ --label-source detector   # the detector's labels on OV-SAM's masks
     ovsam eval compare out_fp32/ out_bf16/                             # how far two runs of one input agree
     ovsam eval prompts --checkpoint ovsam_coco.safetensors --vocabulary coco \
         --gt instances_val2017.json --images val2017/ --output eval_out/   # the paper's box and point protocol
 
 ``eval coco`` scores an annotation job's output against COCO-format ground truth with pycocotools' ``COCOeval``
-(``pipeline/evaluation/coco.py`` says how images and categories are matched). It prints a table and with ``--json`` writes
-the whole report. ``eval compare`` pairs the instances of two runs of the same input by image and prompt
+(``pipeline/evaluation/coco.py`` says how images and categories are matched). ``--label-source`` picks whose labels
+are scored on the output's masks: ``ovsam`` (default) OV-SAM's own ``label_name``/``label_score``; ``detector`` the
+``detector_label``/``detector_score`` of the detector that made each prompt (instances without one are skipped and
+counted; an output with none at all is a usage error). It prints a table and with ``--json`` writes the whole
+report, with the label source. ``eval compare`` pairs the instances of two runs of the same input by image and prompt
 (``pipeline/evaluation/compare.py``) and reports label agreement, mask IoU and the score shift. ``eval prompts`` runs
 the paper's interactive protocol (every ground-truth instance prompted by its box or centre point; mask IoU and
 top-1 accuracy, all / base / novel) on Ray actors, resumable (``pipeline/evaluation/prompts.py``). Exit codes: 0 success, 1 a failed evaluation (the message says why), 2 a usage error.
@@ -36,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     coco.add_argument("--vocabulary", default=None, metavar="SPEC",
                       help="take the classes' synonyms and base/novel split from this vocabulary (built-in name, "
                            "class list, classes.json or saved vocabulary) instead of the run's own record")
+    coco.add_argument("--label-source", default="ovsam", choices=("ovsam", "detector"),
+                      help="whose labels are scored on the output's masks: ovsam (default) OV-SAM's own "
+                           "(label_name, score label_score); detector the detector's that made each prompt "
+                           "(detector_label, a class of the run's vocabulary, score detector_score), for comparing "
+                           "OV-SAM's recognition with the detector's on the same masks. With detector, instances "
+                           "without a detector label are skipped and counted; none at all is an error")
     coco.add_argument("--iou-types", default="segm,bbox", metavar="TYPES",
                       help="comma-separated: segm, bbox (default: segm,bbox)")
     coco.add_argument("--per-class", type=positive_int, default=20, metavar="N",
@@ -134,7 +144,7 @@ def _iou_types(text: str) -> tuple[str, ...]:
 def cmd_eval_coco(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.evaluation.coco import eval_coco, format_report
+    from pipeline.evaluation.coco import NoDetectorLabels, eval_coco, format_report
 
     types = _iou_types(args.iou_types)
     storage = storage_options(args.storage_options)
@@ -142,17 +152,22 @@ def cmd_eval_coco(args: argparse.Namespace) -> int:
     if not fs.exists(f"{root.rstrip('/')}/run.json"):
         raise UsageError(f"--pred {args.pred} is not the output of `ovsam annotate` (no run.json)")
     check_output_shards("--shards", args.shards, args.pred, storage)
-    report = eval_coco(args.pred, args.gt, vocabulary=args.vocabulary, iou_types=types, storage_options=storage)
+    try:
+        report = eval_coco(args.pred, args.gt, vocabulary=args.vocabulary, iou_types=types, storage_options=storage,
+                           label_source=args.label_source)
+    except NoDetectorLabels as e:
+        raise UsageError(str(e)) from None
     print(format_report(report, per_class=args.per_class))
     if args.report:
         from pipeline.evaluation.report import write_coco_report
 
+        labels = "" if args.label_source == "ovsam" else ", the detector's labels"
         page = write_coco_report(report, args.report, args.pred, shards=args.shards, storage_options=storage,
-                                 title=f"ovsam eval coco: {args.pred} against {args.gt}")
+                                 title=f"ovsam eval coco: {args.pred} against {args.gt}{labels}")
         print(f"wrote {page}")
     if args.json:
         with fsspec.open(args.json, "w", **storage) as f:
-            json.dump({"gt": args.gt, "pred": args.pred, **report}, f, indent=1)
+            json.dump({"gt": args.gt, "pred": args.pred, "label_source": args.label_source, **report}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

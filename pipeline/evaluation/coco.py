@@ -14,7 +14,17 @@ are the ones the COCO toolkit gives for the same detections:
   out of every number, as in OV-COCO's 48/17 protocol). ``all``/``base``/``novel`` are the same evaluation read
   over those categories (COCOeval scores each category on its own). The OV-COCO convention reports novel AP50.
 - **results**: one list per IoU type, segm with the RLE masks (area = mask area), bbox with the masks' boxes
-  (area = box area), ``score`` = ``label_score`` (the label's probability, ``softmax(fused)[:C]``).
+  (area = box area), with a category and a score from the chosen label source.
+- **label source** (``--label-source``): ``ovsam`` (the default) scores OV-SAM's own recognition: the category of
+  ``label_name`` and ``score`` = ``label_score`` (the label's probability, ``softmax(fused)[:C]``). ``detector``
+  scores the detector's labels on OV-SAM's masks: where a detector made the prompt (``--prompts detector:...``, or
+  sidecar boxes with labels), the instance's category is that of its ``detector_label``, a class of the run's
+  vocabulary matched by display name (exactly, else case-blind with ``_`` as a space, else the one class with that
+  synonym), then through the same class -> category matching as above; ``score`` = ``detector_score`` (1.0 where
+  the prompt's label came without a score). The masks and boxes are the same for both sources, so the difference
+  between them is the difference in labelling alone. Instances without a detector label are skipped and counted
+  (``skipped_no_detector_label``), as are labels that name no class of the vocabulary; an output in which no
+  instance has a detector label is an error (:class:`NoDetectorLabels`).
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.annotate.outputs import coco_file_name, iter_committed, read_run
+from pipeline.evaluation.label_source import (LABEL_SOURCES, NoDetectorLabels, detector_class_index,  # noqa: F401
+                                              normalise_name)
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +48,6 @@ IOU_TYPES = ("segm", "bbox")
 SPLIT_CODES = {1: "base", 2: "novel", 0: "excluded"}
 #: ``COCOeval.stats`` in order (maxDets 100 unless named).
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def normalise_name(name: str) -> str:
-    """Case-blind, ``_`` as a space, single spaces: ``"Traffic_Light "`` -> ``"traffic light"``."""
-    return " ".join(str(name).lower().replace("_", " ").split())
 
 
 @dataclass
@@ -165,18 +172,31 @@ class Detections:
     not_ok_images: int = 0
     dropped_instances: int = 0
     instances: int = 0
+    label_source: str = "ovsam"
+    #: with ``label_source="detector"``: instances without a detector label (skipped), and detector labels that
+    #: name no class of the vocabulary (label -> instances, dropped)
+    skipped_no_detector_label: int = 0
+    unknown_detector_labels: dict[str, int] = field(default_factory=dict)
+    detector_labels_without_score: int = 0
 
 
-def collect_detections(fs: Any, output: str, gt: Any, classes: ClassInfo, match: CategoryMatch) -> Detections:
-    """Read every committed shard of ``output`` and turn its instances into COCO results against ``gt``."""
+def collect_detections(fs: Any, output: str, gt: Any, classes: ClassInfo, match: CategoryMatch,
+                       label_source: str = "ovsam") -> Detections:
+    """Read every committed shard of ``output`` and turn its instances into COCO results against ``gt``, each
+    with the category and score of ``label_source`` (:data:`LABEL_SOURCES`, see the module docstring)."""
+    if label_source not in LABEL_SOURCES:
+        raise ValueError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
+    use_detector = label_source == "detector"
+    detector_class = detector_class_index(classes) if use_detector else None
     by_name: dict[str, int] = {}
     for img in gt.dataset["images"]:
         name = str(img["file_name"])
         by_name[name[2:] if name.startswith("./") else name] = img["id"]
     class_index = {n: i for i, n in enumerate(classes.names)}
-    out = Detections(results={t: [] for t in IOU_TYPES}, image_ids=[])
+    out = Detections(results={t: [] for t in IOU_TYPES}, image_ids=[], label_source=label_source)
     seen: set[int] = set()
-    cols = ["image_key", "instance_index", "mask_rle", "box_xyxy", "label_name", "label_score"]
+    cols = ["image_key", "instance_index", "mask_rle", "box_xyxy"]
+    cols += ["detector_label", "detector_score"] if use_detector else ["label_name", "label_score"]
     for part in iter_committed(fs, output, columns=cols):
         image_ids: dict[str, int] = {}
         for row in sorted(part.images.to_pylist(), key=lambda r: r["image_key"]):
@@ -207,12 +227,26 @@ def collect_detections(fs: Any, output: str, gt: Any, classes: ClassInfo, match:
             if image_id is None:
                 continue
             out.instances += 1
-            cat = match.class_to_cat.get(class_index.get(row["label_name"], -1))
+            if use_detector:
+                label = row["detector_label"]
+                if label is None:
+                    out.skipped_no_detector_label += 1
+                    continue
+                c = detector_class(label)
+                if c is None:
+                    out.unknown_detector_labels[label] = out.unknown_detector_labels.get(label, 0) + 1
+                    continue
+                if row["detector_score"] is None:
+                    out.detector_labels_without_score += 1
+                score = 1.0 if row["detector_score"] is None else float(row["detector_score"])
+            else:
+                c = class_index.get(row["label_name"], -1)
+                score = float(row["label_score"])
+            cat = match.class_to_cat.get(c)
             if cat is None:
                 out.dropped_instances += 1
                 continue
             x0, y0, x1, y1 = (float(v) for v in row["box_xyxy"])
-            score = float(row["label_score"])
             rle = {"size": [int(v) for v in row["mask_rle"]["size"]], "counts": row["mask_rle"]["counts"]}
             out.results["segm"].append({"image_id": image_id, "category_id": cat, "segmentation": rle,
                                         "score": score})
@@ -346,8 +380,12 @@ def evaluate(gt: Any, detections: Detections, match: CategoryMatch,
 
 
 def eval_coco(output: str, gt_url: str, *, vocabulary: str | None = None, iou_types: tuple[str, ...] = IOU_TYPES,
-              storage_options: dict | None = None) -> dict[str, Any]:
-    """The whole of ``ovsam eval coco``: the report dict (see :func:`evaluate`) with the matching's counts."""
+              storage_options: dict | None = None, label_source: str = "ovsam") -> dict[str, Any]:
+    """The whole of ``ovsam eval coco``: the report dict (see :func:`evaluate`) with the matching's counts and
+    ``label_source``. With ``label_source="detector"``, raises :class:`NoDetectorLabels` (a ``ValueError``) when
+    no evaluated instance has a detector label."""
+    if label_source not in LABEL_SOURCES:
+        raise ValueError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
     import fsspec
 
     storage_options = dict(storage_options or {})
@@ -364,11 +402,13 @@ def eval_coco(output: str, gt_url: str, *, vocabulary: str | None = None, iou_ty
     if not match.cat_split:
         raise ValueError(f"no class of the run's vocabulary ({', '.join(classes.names[:5])}, ...) names a category "
                          f"of {gt_url} ({', '.join(c['name'] for c in gt.dataset['categories'][:5])}, ...)")
-    detections = collect_detections(fs, root, gt, classes, match)
+    detections = collect_detections(fs, root, gt, classes, match, label_source)
     if not detections.image_ids:
         example = next(iter(gt.dataset["images"]), {}).get("file_name")
         raise ValueError(f"no annotated image matches a file_name of {gt_url} (e.g. {example!r}); the file names "
                          "must be the images' paths relative to the annotated input, or their tar member names")
+    if label_source == "detector":
+        _check_detector_labels(detections, run, output)
     report = evaluate(gt, detections, match, iou_types)
     report["worst"] = worst_instances(gt, detections, match)
     report["matching"] = {
@@ -380,13 +420,51 @@ def eval_coco(output: str, gt_url: str, *, vocabulary: str | None = None, iou_ty
         "excluded_categories": match.excluded_categories,
         "instances": detections.instances, "instances_of_unmatched_classes": detections.dropped_instances,
     }
+    report["label_source"] = label_source
+    if label_source == "detector":
+        report["matching"].update({
+            "skipped_no_detector_label": detections.skipped_no_detector_label,
+            "unknown_detector_labels": dict(sorted(detections.unknown_detector_labels.items())),
+            "detector_labels_without_score": detections.detector_labels_without_score,
+        })
     return report
+
+
+def _check_detector_labels(detections: Detections, run: dict[str, Any], output: str) -> None:
+    """Raise :class:`NoDetectorLabels` when instances were read and none had a detector label; warn about those
+    skipped and about detector labels that name no class."""
+    prompts = (run.get("config") or {}).get("prompts")
+    made_by = f" (run.json records --prompts {prompts})" if prompts else ""
+    if detections.instances and detections.skipped_no_detector_label == detections.instances:
+        raise NoDetectorLabels(
+            f"--label-source detector: none of the {detections.instances} instances of {output} on the evaluated "
+            f"images has a detector_label{made_by}; detector labels exist only where a detector (or a sidecar with "
+            "labels) made the prompts. Use --label-source ovsam to score OV-SAM's own labels")
+    if detections.skipped_no_detector_label:
+        logger.warning("--label-source detector: %d of %d instances have no detector_label%s and are skipped",
+                       detections.skipped_no_detector_label, detections.instances, made_by)
+    if detections.unknown_detector_labels:
+        names = sorted(detections.unknown_detector_labels)
+        logger.warning("--label-source detector: %d instances have detector labels that name no class of the "
+                       "vocabulary and are dropped: %s", sum(detections.unknown_detector_labels.values()),
+                       ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
 
 
 def format_report(report: dict[str, Any], per_class: int = 20) -> str:
     """The report as text tables: summaries per IoU type and split, then the per-class table (worst first)."""
     lines = []
     m = report["matching"]
+    source = report.get("label_source", "ovsam")
+    if source == "detector":
+        text = ("labels: the detector's (detector_label, detector_score) on OV-SAM's masks; "
+                f"{m.get('skipped_no_detector_label', 0)} instances without a detector label skipped")
+        unknown = m.get("unknown_detector_labels") or {}
+        if unknown:
+            shown = ", ".join(list(unknown)[:8]) + (", ..." if len(unknown) > 8 else "")
+            text += f", {sum(unknown.values())} with labels not in the vocabulary dropped ({shown})"
+        lines.append(text)
+    else:
+        lines.append("labels: OV-SAM's (label_name, label_score)")
     lines.append(f"images: {m['images_evaluated']} evaluated of {m['images_in_gt']} in the ground truth "
                  f"({m['images_not_ok']} not ok, {m['unmatched_images']} annotated images not in it); "
                  f"categories: {m['categories_evaluated']} evaluated")
@@ -420,6 +498,7 @@ def format_report(report: dict[str, Any], per_class: int = 20) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["WORST", "worst_instances", "ClassInfo", "CategoryMatch", "Detections", "IOU_TYPES", "STAT_NAMES", "classes_from_spec",
+__all__ = ["WORST", "worst_instances", "ClassInfo", "CategoryMatch", "Detections", "IOU_TYPES", "LABEL_SOURCES",
+           "NoDetectorLabels", "STAT_NAMES", "classes_from_spec", "detector_class_index",
            "collect_detections", "eval_coco", "evaluate", "format_report", "load_gt", "match_categories",
            "normalise_name", "run_classes", "slice_stats"]
