@@ -438,7 +438,8 @@ def run_annotate(cfg: AnnotateConfig) -> Any:
     if summary.per_shard:
         print(f"[annotate] model busy {summary.model_busy_pct:.0f}% (time inside model calls "
               f"{summary.model_seconds:.1f}s / actor processing wall {summary.actor_seconds:.1f}s, summed over "
-              f"shards); precision {', '.join(summary.precisions()) or precision}")
+              f"shards); precision {', '.join(summary.precisions()) or precision}; worker peak memory "
+              f"{summary.peak_rss_mb():,.0f} MiB")
     ran = [p for p in summary.precisions() if p != precision]
     if ran:  # cannot happen while workers build the precision they are given; run.json would then be wrong
         logger.error("workers ran precision %s, not the %s recorded in run.json", ", ".join(ran), precision)

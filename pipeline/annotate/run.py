@@ -96,6 +96,10 @@ class RunSummary:
         wall = self.actor_seconds
         return 100.0 * self.model_seconds / wall if wall > 0 else 0.0
 
+    def peak_rss_mb(self) -> float:
+        """The largest peak resident memory (MiB) any worker reported."""
+        return max((float(s.get("peak_rss_mb") or 0.0) for s in self.per_shard), default=0.0)
+
     def precisions(self) -> list[str]:
         """The precisions the workers' models ran in (resolved names), sorted."""
         return sorted({s["precision"] for s in self.per_shard if s.get("precision")})

@@ -398,10 +398,20 @@ class ShardWorker:
                 "read_error": None if report is None else report.error, "timings": timings,
                 "background": dict(clock.seconds), "seconds": seconds,
                 "model_seconds": timings["model"], "model_busy_pct": model_busy_pct(timings["model"], seconds),
-                "precision": annotator.precision, "warm_up_s": self.warm_up_s,
+                "precision": annotator.precision, "warm_up_s": self.warm_up_s, "peak_rss_mb": peak_rss_mb(),
                 "threads": {"torch": self.torch_threads, "decode": self.decode_threads,
                             "helper_nice": self.helper_nice, "prepare_ahead": self.prepare_ahead},
                 "manifest": manifest}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``; 0 where the platform lacks it)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except (ImportError, OSError):
+        return 0.0
 
 
 def model_busy_pct(model_seconds: float, wall_seconds: float) -> float:

@@ -71,7 +71,8 @@ class OwlDetector:
         with torch.inference_mode(), autocast(self.device, self.precision):
             for start in range(0, len(queries), TEXT_BATCH):
                 texts = list(queries.texts[start:start + TEXT_BATCH])
-                tokens = self.processor(text=[texts], return_tensors="pt")
+                # queries past the text tower's length (16 tokens) are cut there, as its tokenizer cuts them
+                tokens = self.processor(text=[texts], return_tensors="pt", truncation=True)
                 out = base.get_text_features(input_ids=tokens["input_ids"].to(self.device),
                                              attention_mask=tokens["attention_mask"].to(self.device))
                 embeds = getattr(out, "pooler_output", out)

@@ -93,17 +93,34 @@ def _clip_tokenizer(model_max_length: int):
     return tokenizer
 
 
+#: token id -> token that Grounding DINO's phrase masks depend on (bert-base-uncased's ids)
+_BERT_PINNED = {101: "[CLS]", 102: "[SEP]", 1012: ".", 1029: "?"}
+
+
 def wordpiece_vocab(words: Iterable[str]) -> list[str]:
     """A small BERT word-piece vocabulary on which any lowercase ascii text tokenizes without ``[UNK]``.
 
     Special tokens, every ascii punctuation character (BERT splits each into its own token), digits, letters,
     ``##``-continuations of letters and digits, then ``words`` (lowercased, split on whitespace and punctuation).
     """
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *string.digits]
+    vocab = ["[PAD]", "[UNK]", "[MASK]", *string.punctuation, *string.digits]
     vocab += [*string.ascii_lowercase, *("##" + c for c in string.ascii_lowercase + string.digits)]
     for text in words:
         vocab += re.findall(r"[^\W_]+", text.lower())
-    return list(dict.fromkeys(vocab))
+    vocab = [t for t in dict.fromkeys(vocab) if t not in _BERT_PINNED.values()]
+    # Grounding DINO splits its caption into phrases at bert-base-uncased's ids of [CLS], [SEP], "." and "?"
+    # (its SPECIAL_TOKENS), so those four keep their ids here, with [unused] fillers as bert-base's vocabulary has
+    size = max(len(vocab) + len(_BERT_PINNED), max(_BERT_PINNED) + 1)
+    out, rest, unused = [], iter(vocab), 0
+    for i in range(size):
+        if i in _BERT_PINNED:
+            out.append(_BERT_PINNED[i])
+        else:
+            token = next(rest, None)
+            if token is None:
+                token, unused = f"[unused{unused}]", unused + 1
+            out.append(token)
+    return out
 
 
 def _bert_tokenizer(vocab: list[str]):
@@ -133,34 +150,41 @@ def _spread_owl_heads(model) -> None:
     _reinit(head.dense0, 1.0)
     _reinit(head.logit_shift, 0.5, bias=-0.3)  # logits = (cosine + shift) * scale
     _reinit(head.logit_scale, 0.1, bias=3.0)  # scale = elu(3 +- 0.1) + 1 ~ 4
-    box_layers = [model.box_head.dense0, model.box_head.dense1, model.box_head.dense2]
-    obj_layers = [model.objectness_head.dense0, model.objectness_head.dense1] if hasattr(model, "objectness_head") else []
-    for layer in box_layers[:2] + obj_layers:
+    for layer in (model.box_head.dense0, model.box_head.dense1):
         _reinit(layer, 1.0)
-    _reinit(box_layers[2], 1.0)  # box deltas of std ~0.6 (in logit space) on top of the grid prior
-    if obj_layers:
+    _reinit(model.box_head.dense2, 1.0)  # box deltas of std ~0.6 (in logit space) on top of the grid prior
+    if hasattr(model, "objectness_head"):  # OWLv2's class-agnostic proposals
+        _reinit(model.objectness_head.dense0, 1.0)
+        _reinit(model.objectness_head.dense1, 1.0)
         _reinit(model.objectness_head.dense2, 3.0)  # objectness logits of std ~2
 
 
-def _spread_grounding_heads(model, mm: bool) -> None:
-    # Class logits are dot products of decoder queries with text tokens. Grounding DINO's are unscaled: with
-    # layer-normed d_model=32 vectors they have std ~6 (scores saturate at 0 and 1), so the decoder's output norm is
-    # scaled by 1/3. MM Grounding DINO divides by sqrt(d_model) and adds a bias initialized to the focal-loss prior
-    # (-4.6: all scores < 0.2): its norm is scaled by 2 and the bias set to -1. Either way the logits spread about
-    # +-5 and a threshold of 0.35 keeps some boxes and drops others. The box head's last layer (zero at init: every
-    # box would be an encoder proposal of fixed size; its hidden layers at std 0.02 shrink deltas to ~1e-3) is
-    # re-initialized so that box sizes vary.
+def _spread_grounding_heads(model, mm: bool, shift: float = 2.5) -> None:
+    # Class logits are dot products of decoder queries with text tokens, and the post-processing scores a box by its
+    # best token. Grounding DINO's are unscaled: with layer-normed d_model=32 vectors they have std ~6 (scores
+    # saturate at 0 and 1), so the decoder's output norm is scaled by 1/3; to centre them at -shift, the norm's bias
+    # gets -shift/d * ones and the text output norm's bias ones (layer-norm outputs sum to zero over channels, so
+    # the dot product moves by exactly -shift, and text attention, softmax over tokens, is unchanged). MM Grounding
+    # DINO divides by sqrt(d_model) and adds a bias initialized to the focal-loss prior (-4.6: all scores < 0.2):
+    # its norm is scaled by 2 and the bias set to -shift. Either way a threshold of 0.35 keeps some boxes and drops
+    # others. The box head's last layer (zero at init: every box would be an encoder proposal of fixed size; its
+    # hidden layers at std 0.02 shrink deltas to ~1e-3) is re-initialized so that box sizes vary.
     import torch
 
+    d_model = model.config.d_model
+    scale = 2.0 if mm else 1 / 3
     with torch.no_grad():
-        model.model.decoder.layer_norm.weight.mul_(2.0 if mm else 1 / 3)
-        for module in model.class_embed:
-            if mm:
-                module.bias.fill_(-1.0)
+        model.model.decoder.layer_norm.weight.mul_(scale)
+        if mm:
+            for module in model.class_embed:
+                module.bias.fill_(-shift)
+        else:
+            model.model.decoder.layer_norm.bias.fill_(-shift / d_model)
+            model.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after.bias.fill_(1.0)
         for mlp in model.bbox_embed:  # its input is the scaled norm's output: box deltas of std ~0.5 (logit space)
             for layer in mlp.layers[:-1]:
                 _reinit(layer, 2**0.5)  # ReLU MLP: He init keeps the scale
-            _reinit(mlp.layers[-1], 0.5 / (2.0 if mm else 1 / 3))
+            _reinit(mlp.layers[-1], 0.5 / scale)
 
 
 def _unit_gain_convs(module) -> None:
@@ -178,7 +202,7 @@ def _calibrate_omdet_sign(model, processor) -> None:
     # OmDet-Turbo scores are cosine similarities (x 1/0.07) between decoder queries and class projections. At random
     # init all queries share a large common direction, so the sign of the mean logit is a coin flip of the seed: at
     # seed 0, all scores are > 0.9. Negating the class projection (an equally likely draw of the same init) where
-    # the mean logit on a fixed probe is positive centres the scores below 0.5, with a spread from ~0.01 to ~0.9.
+    # the mean logit on a fixed probe is positive moves most logits below 0; their spread (std ~1.5-3) remains.
     import numpy as np
     import torch
 
@@ -334,6 +358,12 @@ def save_tiny_sam3(directory, *, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tf.Sam3Model(config)
+        # at init every query scores sigmoid(0) * presence sigmoid(0) = 0.25, under post-processing's default
+        # threshold of 0.3: spread the query logits (std ~2) and make the prompt "present" (sigmoid(3) = 0.95)
+        _reinit(model.dot_product_scoring.query_proj, 2**0.5)
+        _reinit(model.dot_product_scoring.text_proj, 2**0.5)
+        with torch.no_grad():
+            model.detr_decoder.presence_head.layer3.bias.fill_(3.0)
     image_processor = tf.Sam3ImageProcessor(size={"height": size, "width": size},
                                             mask_size={"height": 4 * grid, "width": 4 * grid})
     model.save_pretrained(directory)

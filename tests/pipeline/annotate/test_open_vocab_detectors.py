@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -53,10 +55,17 @@ def _clip_sort(boxes, scores, labels, h, w):
     return b[order].double().numpy(), scores[order].double().numpy(), [labels[i] for i in order]
 
 
+@functools.lru_cache(maxsize=None)
+def _pipeline(name, path):
+    """transformers' own processor and model of ``name`` from ``path``."""
+    cls = {"owlv2": transformers.Owlv2ForObjectDetection, "owlvit": transformers.OwlViTForObjectDetection,
+           "grounding-dino": transformers.GroundingDinoForObjectDetection,
+           "mm-grounding-dino": transformers.MMGroundingDinoForObjectDetection}[name]
+    return transformers.AutoProcessor.from_pretrained(path), cls.from_pretrained(path).eval()
+
+
 def _owl_reference(name, path, image, queries, thresh):
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    cls = transformers.Owlv2ForObjectDetection if name == "owlv2" else transformers.OwlViTForObjectDetection
-    model = cls.from_pretrained(path).eval()
+    processor, model = _pipeline(name, path)
     inputs = processor(text=[list(queries.texts)], images=image, return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)
@@ -155,10 +164,7 @@ def test_owlv2_objectness_proposals(weights):
 
 
 def _grounding_reference(name, path, image, caption_queries, thresh):
-    processor = transformers.AutoProcessor.from_pretrained(path)
-    cls = transformers.GroundingDinoForObjectDetection if name == "grounding-dino" else \
-        transformers.MMGroundingDinoForObjectDetection
-    model = cls.from_pretrained(path).eval()
+    processor, model = _pipeline(name, path)
     texts = list(caption_queries.texts)
     inputs = processor(images=image, text=texts, return_tensors="pt")  # the processor merges the phrases
     with torch.no_grad():
@@ -242,3 +248,31 @@ def test_queries_synonyms_template_and_exclusion():
     with pytest.raises(ValueError, match="exactly one"):
         TextQueries.from_synonyms(NAMES, SYNONYMS, template="a photo")
     assert TextQueries.from_text("traffic cone, pastry ,,").names == ("traffic cone", "pastry")
+
+
+def test_owl_query_logits_stay_within_the_chunk_budget(weights, monkeypatch):
+    from pipeline.annotate.detectors import owl
+
+    names = [f"class {i}" for i in range(300)]
+    queries = TextQueries.from_synonyms(names, [[n, n + " thing"] for n in names])
+    det = owl.OwlDetector("owlv2", weights("owlv2"), queries=queries, options=DetectorOptions(
+        score_thresh=0.0, nms_thresh=1.0, max_detections=100000))
+    images = _images()[:2]
+    whole = det(images)
+    sizes = []
+    original = det.model.class_predictor
+
+    def spy(feats, q, mask):
+        sizes.append(feats.shape[0] * feats.shape[1] * q.shape[1] * 4)
+        return original(feats, q, mask)
+
+    vision = det.model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    budget = 2 * 4 * patches * 50  # 50 queries' logits for 2 images
+    monkeypatch.setattr(det.model, "class_predictor", spy)
+    monkeypatch.setattr(owl, "LOGIT_BUDGET_BYTES", budget)
+    chunked = det(images)
+    assert len(sizes) == -(-len(queries) // 50) and max(sizes) <= budget
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        assert a.labels == b.labels
