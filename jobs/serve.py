@@ -4,6 +4,8 @@
         --vocabulary demo_out/model/ovsam-tiny-synthetic.synthetic.vocab.safetensors
     ovsam serve --model ovsam-rn50x16 --checkpoint ovsam_coco.safetensors --replicas 4 --num-gpus-per-replica 1 \\
         --host 0.0.0.0 --token-env OVSAM_TOKEN --allow-url-prefix s3://my-bucket/images/
+    ovsam serve --model ovsam-rn50x16 --checkpoint ovsam_coco.safetensors --detector owlv2 \\
+        --detector-weights owlv2-base/    # POST /v1/images/{id}/detect and the page's Find box
 
 Then open http://HOST:PORT/ for the browser page, http://HOST:PORT/docs for the API, or connect Label Studio to
 http://HOST:PORT (docs/serve.md). It runs until interrupted (Ctrl-C). The same application deploys with
@@ -53,6 +55,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"larger images are refused, against decompression bombs (default: {d.max_pixels})")
     c.add_argument("--request-timeout", type=float_in(0.0, low_open=True), default=d.request_timeout,
                    help=f"seconds before a request is answered 504 (default: {d.request_timeout:g})")
+    from pipeline.annotate.detectors.spec import OPEN_VOCAB_DETECTORS
+
+    t = p.add_argument_group("detector", "an open-vocabulary detector for POST /v1/images/{id}/detect and the "
+                                         "page's Find box (every instance of typed classes)")
+    t.add_argument("--detector", default=None, choices=list(OPEN_VOCAB_DETECTORS),
+                   help="the detector --detector-weights holds (default: owlv2 where --detector-weights is given)")
+    t.add_argument("--detector-weights", default=None, metavar="DIR",
+                   help="the detector's save_pretrained directory (or Hugging Face id where the network allows); "
+                        "without it the detect route answers 404 detector_not_configured")
+    t.add_argument("--detector-score-thresh", type=float_in(0.0, 1.0), default=None, metavar="S",
+                   help="the default score threshold of a detect request (default by detector: owlv2/owlvit 0.1, "
+                        "grounding-dino 0.35)")
+    t.add_argument("--detector-nms-thresh", type=float_in(0.0, 1.0), default=None, metavar="IOU",
+                   help="class-agnostic NMS IoU between detector boxes; 1.0 turns it off (default: owl 0.3, "
+                        "grounding-dino 0.5)")
+    t.add_argument("--max-detections", type=positive_int, default=None,
+                   help="the default cap of boxes a detect request answers (default: 100)")
+    t.add_argument("--detector-template", default=None, metavar="TEXT",
+                   help="text query made of each typed class, with {} for it (default: 'a photo of a {}')")
     a = p.add_argument_group("access")
     a.add_argument("--allow-url-prefix", action="append", default=[], metavar="PREFIX",
                    help="images may be given as URLs under this prefix (repeatable; e.g. s3://bucket/images/; "
@@ -78,6 +99,7 @@ def settings_from_args(args: argparse.Namespace):
             raise UsageError("--allow-url-prefix: empty prefix")
     from pipeline.serving.settings import ServeSettings
 
+    detector = check_detector(args)
     return ServeSettings(
         model=args.model, checkpoint=args.checkpoint, vocabulary=args.vocabulary, precision=args.precision,
         replicas=args.replicas, num_gpus_per_replica=args.num_gpus_per_replica,
@@ -87,7 +109,40 @@ def settings_from_args(args: argparse.Namespace):
         request_timeout=args.request_timeout, allow_url_prefix=list(args.allow_url_prefix),
         storage_options=storage_options(args.storage_options), token_env=args.token_env,
         cors_origin=list(args.cors_origin), label_studio_url=args.label_studio_url,
-        label_studio_key_env=args.label_studio_key_env)
+        label_studio_key_env=args.label_studio_key_env, detector=detector, detector_weights=args.detector_weights,
+        detector_score_thresh=args.detector_score_thresh, detector_nms_thresh=args.detector_nms_thresh,
+        max_detections=args.max_detections, detector_template=args.detector_template)
+
+
+def check_detector(args: argparse.Namespace) -> str | None:
+    """The detector's name (``--detector``, owlv2 by default) once its weights are checked (there, of its type)
+    and its options are valid; None without ``--detector-weights`` (then no other detector option may be given).
+    Raises :class:`UsageError`."""
+    if not args.detector_weights:
+        given = [flag for flag, value in (("--detector", args.detector),
+                                          ("--detector-score-thresh", args.detector_score_thresh),
+                                          ("--detector-nms-thresh", args.detector_nms_thresh),
+                                          ("--max-detections", args.max_detections),
+                                          ("--detector-template", args.detector_template)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need --detector-weights DIR (the detector's save_pretrained "
+                             "directory)")
+        return None
+    from pipeline.annotate.detectors.build import check_source
+    from pipeline.annotate.detectors.spec import parse_prompt_source, resolve_options
+
+    name = args.detector or "owlv2"
+    source = parse_prompt_source(f"detector:{name}")
+    try:
+        options = resolve_options(source, score_thresh=args.detector_score_thresh,
+                                  nms_thresh=args.detector_nms_thresh, max_detections=args.max_detections,
+                                  template=args.detector_template)
+        check_source(source, args.detector_weights, options=options)
+    except FileNotFoundError:
+        raise UsageError(f"--detector-weights {args.detector_weights}: no such directory") from None
+    except ValueError as e:
+        raise UsageError(f"--detector {name}: {e}") from None
+    return name
 
 
 def start(settings, host: str, port: int, address: str | None = None):
@@ -111,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     start(settings, args.host, args.port, args.address)
-    print(f"ovsam serve: {args.model} on http://{args.host}:{args.port}/ ({settings.replicas} replica(s)); "
-          f"API at /docs; Ctrl-C stops", flush=True)
+    detector = f", detector {settings.detector}" if settings.detector else ""
+    print(f"ovsam serve: {args.model}{detector} on http://{args.host}:{args.port}/ ({settings.replicas} "
+          f"replica(s)); API at /docs; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -123,4 +179,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run", "settings_from_args", "start"]
+__all__ = ["add_arguments", "check_detector", "run", "settings_from_args", "start"]

@@ -29,11 +29,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.serving import labelstudio as LS
 from pipeline.serving.cache import ByteLRU
 from pipeline.serving.inputs import check_url, parse_json, read_body, read_url
+from pipeline.serving.detect import detector_info
 from pipeline.serving.requests import (
+    DETECT_SCHEMA,
     ApiError,
+    DetectParams,
     EverythingParams,
     SegmentParams,
     VocabularySpec,
+    parse_detect,
     parse_everything,
     parse_segment,
     parse_url,
@@ -62,16 +66,20 @@ class Backend(Protocol):
 
     async def add_vocabulary(self, vocab_id: str, spec: VocabularySpec) -> dict[str, Any]: ...
 
+    async def detect(self, image_id: str, data: Any, params: DetectParams) -> dict[str, Any]: ...
+
     async def stats(self) -> list[dict[str, Any]]: ...
 
     def store(self, data: bytes) -> Any: ...
 
 
 class LocalBackend:
-    """A :class:`SegmentService` in this process, its calls on one worker thread (no micro-batching)."""
+    """A :class:`SegmentService` in this process, its calls on one worker thread (no micro-batching), and the
+    :class:`~.detect.DetectService` beside it where the app has a detector."""
 
-    def __init__(self, service: SegmentService) -> None:
+    def __init__(self, service: SegmentService, detect: Any = None) -> None:
         self.service = service
+        self.detect_service = detect
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ovsam-model")
 
     async def _run(self, fn, *args):
@@ -100,6 +108,11 @@ class LocalBackend:
 
     async def add_vocabulary(self, vocab_id, spec):
         return await self._run(self.service.add_vocabulary, vocab_id, spec)
+
+    async def detect(self, image_id, data, params):
+        if self.detect_service is None:
+            raise no_detector()
+        return await self._run(self.detect_service.detect, image_id, params, lambda: data)
 
     async def stats(self):
         return [await self._run(self.service.stats)]
@@ -149,6 +162,8 @@ def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = N
                   description="Segment and name objects interactively with Open-Vocabulary SAM.")
     store = ImageStore(settings.image_store_bytes, settings.cache_ttl)
     version = f"ovsam-{settings.model}-{precision or settings.precision}"
+    detector_options = settings.detector_options()
+    detector = None if detector_options is None else detector_info(settings.detector_name, detector_options)
     vocab_specs: dict[str, VocabularySpec] = {}
     counters: Counter = Counter()
     if settings.cors_origin:
@@ -177,6 +192,9 @@ def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = N
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
+        root = request.scope.get("root_path", "")  # an app under a route prefix (``serve run --route-prefix``)
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
         route = path if not path.startswith("/v1/images/") else "/v1/images/{id}/" + path.rsplit("/", 1)[-1]
         counters[("requests", request.method, route)] += 1
         if token is not None and path not in open_paths and not path.startswith("/static/") \
@@ -283,6 +301,15 @@ def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = N
         spec = vocabulary_spec(params.vocabulary)
         return await backend.everything(image_id, entry.data, params, spec)
 
+    @app.post("/v1/images/{image_id}/detect", summary="Find every instance of typed classes (the server's "
+              "detector), each with its OV-SAM mask and label", openapi_extra=_body_doc(DETECT_SCHEMA))
+    async def detect(image_id: str, request: Request):
+        if detector is None:
+            raise no_detector()
+        entry = store.get(image_id)
+        params = parse_detect(parse_json(await read_body(request, 256 * 1024)))
+        return await backend.detect(image_id, entry.data, params)
+
     @app.post("/v1/vocabularies", summary="Create a vocabulary from class names or a built-in list",
               openapi_extra=_body_doc({"type": "object", "properties": {
                   "names": {"type": "array", "items": {"type": "string"}}, "builtin": {"enum": BUILTINS}}}))
@@ -303,7 +330,7 @@ def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = N
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "model": settings.model, "precision": precision or settings.precision,
-                "replicas": settings.replicas}
+                "replicas": settings.replicas, "detector": detector}
 
     async def all_stats() -> dict[str, Any]:
         return {"image_store": store.entries.stats(), "replicas": await backend.stats(),
@@ -321,6 +348,11 @@ def make_app(backend: Backend, settings: ServeSettings, *, token: str | None = N
     LS.add_routes(app, LS.AppContext(settings, label_studio_key, version, backend, store, vocab_specs, add_image,
                                      fetch_url))
     return app
+
+
+def no_detector() -> ApiError:
+    return ApiError(404, "detector_not_configured", "this server has no detector: start it with --detector NAME "
+                    "--detector-weights DIR to find classes by name")
 
 
 def _error(exc: ApiError) -> JSONResponse:

@@ -23,8 +23,8 @@ from typing import Any
 import ray
 from ray import serve
 
-from pipeline.serving.api import make_app
-from pipeline.serving.requests import ApiError, EverythingParams, SegmentParams, VocabularySpec
+from pipeline.serving.api import make_app, no_detector
+from pipeline.serving.requests import ApiError, DetectParams, EverythingParams, SegmentParams, VocabularySpec
 from pipeline.serving.service import SegmentCall
 from pipeline.serving.settings import ServeSettings
 
@@ -60,7 +60,7 @@ class OvsamModelDeployment:
         # that calls into torch gets its own OpenMP worker team, and two teams spin against each other on the
         # same cores (a click then costs twice as long).
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ovsam-model")
-        self.service = self._pool.submit(self._build, s).result()
+        self.service, self.detect_service = self._pool.submit(self._build, s).result()
         self._segment_batch.set_max_batch_size(s.max_batch_size)
         self._segment_batch.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
         try:
@@ -85,10 +85,13 @@ class OvsamModelDeployment:
             device = "cpu"
             cpus = int(s.cpus_per_replica or 0) or os.cpu_count() or 1
             torch.set_num_threads(max(1, cpus))
+        from pipeline.serving.detect import DetectService
+
         model = ovsam.build_ovsam(s.model, checkpoint=s.checkpoint, device=device, precision=s.precision)
         vocabulary = ovsam.Vocabulary.resolve(s.vocabulary, model, progress=False)
-        return SegmentService(model, vocabulary, cache_bytes=s.cache_bytes, cache_ttl_s=s.cache_ttl,
-                              max_pixels=s.max_pixels)
+        service = SegmentService(model, vocabulary, cache_bytes=s.cache_bytes, cache_ttl_s=s.cache_ttl,
+                                 max_pixels=s.max_pixels)
+        return service, DetectService.build(service, s)  # the detector on the model's device, at its precision
 
     def _warm_up(self) -> None:
         """One embed and one click on a grey image, so the first user does not pay for lazy initialisation."""
@@ -102,6 +105,8 @@ class OvsamModelDeployment:
         Image.new("RGB", (64, 48), (128, 128, 128)).save(buf, "PNG")
         self.service.embed("warm-up", buf.getvalue())
         self.service.segment([SegmentCall("warm-up", parse_segment({"points": [[32, 24, 1]]}, 64, 48))])
+        if self.detect_service is not None:
+            self.detect_service.detect("warm-up", DetectParams(text=["object"]), buf.getvalue)
         self.service.cache.pop("warm-up")
 
     async def _run(self, fn, *args):
@@ -162,6 +167,18 @@ class OvsamModelDeployment:
             return await self._run(self.service.everything, image_id, params, load)
         except ApiError as e:
             return e
+
+    async def detect(self, image_id: str, data_box: list, params: DetectParams) -> Any:
+        await self._note_route()
+        try:
+            if self.detect_service is None:
+                raise no_detector()
+            data = await data_box[0] if isinstance(data_box[0], ray.ObjectRef) else data_box[0]
+            return await self._run(self.detect_service.detect, image_id, params, lambda: data)
+        except ApiError as e:
+            return e
+        finally:
+            self._metrics.update(self.service)
 
     async def add_vocabulary(self, vocab_id: str, spec: VocabularySpec) -> Any:
         try:
@@ -224,6 +241,9 @@ class RayBackend:
     async def add_vocabulary(self, vocab_id, spec):
         return self._checked(await self.handle.add_vocabulary.remote(vocab_id, spec))
 
+    async def detect(self, image_id, data, params):
+        return self._checked(await self._for(image_id).detect.remote(image_id, [data], params))
+
     async def stats(self) -> list[dict[str, Any]]:
         """Each replica's stats, as far as a few calls reach them (the router picks the replica)."""
         seen: dict[str, dict[str, Any]] = {}
@@ -262,6 +282,7 @@ def build_app(args: dict[str, Any] | ServeSettings) -> Any:
     s = args if isinstance(args, ServeSettings) else ServeSettings.from_args(dict(args))
     if s.replicas < 1 or s.max_batch_size < 1:
         raise ValueError(f"replicas and max_batch_size must be >= 1, got {s.replicas}, {s.max_batch_size}")
+    s.detector_options()  # an unknown detector, one without weights or a bad option fails here, not in a replica
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     gpus = s.num_gpus_per_replica
     if gpus is None:

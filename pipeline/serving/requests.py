@@ -16,6 +16,8 @@ MAX_TOP_K = 100
 MAX_NAMES = 25_000
 MAX_NAME_CHARS = 200
 MAX_POINTS_PER_SIDE = 64
+MAX_DETECT_CLASSES = 256
+MAX_DETECTIONS = 1000
 
 
 class ApiError(Exception):
@@ -220,6 +222,69 @@ def parse_vocabulary(body: Any, builtins: list[str]) -> VocabularySpec:
         seen.add(text.lower())
         clean.append(text)
     return VocabularySpec(names=clean)
+
+
+@dataclass
+class DetectParams:
+    """``POST /v1/images/{id}/detect``: the typed classes (whitespace collapsed, duplicates dropped, in order), and
+    this request's score threshold and cap of detector boxes (None: the server's)."""
+
+    text: list[str]
+    detector_score_thresh: float | None = None
+    max_detections: int | None = None
+    top_k: int = 5
+    format: str = "rle"
+
+
+DETECT_SCHEMA = {
+    "type": "object", "required": ["text"],
+    "properties": {
+        "text": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_DETECT_CLASSES,
+                 "description": "class names to find (a comma-separated string also works)"},
+        "detector_score_thresh": {"type": "number", "minimum": 0, "maximum": 1,
+                                  "description": "keep detector boxes scoring above this (default: the server's)"},
+        "max_detections": {"type": "integer", "minimum": 1, "maximum": MAX_DETECTIONS,
+                           "description": "at most this many boxes (default: the server's)"},
+        "top_k": {"type": "integer", "minimum": 1}, "format": {"enum": list(FORMATS)},
+    },
+}
+
+
+def parse_detect(body: Any) -> DetectParams:
+    """``POST /v1/images/{id}/detect``'s body: ``text`` (an array of class names, or one string of
+    comma-separated names; a name's commas separate names too) and the optional fields."""
+    body = _object(body)
+    _no_extra(body, tuple(DETECT_SCHEMA["properties"]))
+    if "text" not in body:
+        raise invalid("text", "give the class names to find, e.g. [\"traffic cone\", \"pastry\"]")
+    text = body["text"]
+    items = [text] if isinstance(text, str) else text
+    if not isinstance(items, list):
+        raise invalid("text", f"must be an array of class names, got {_type_name(text)}")
+    names: list[str] = []
+    for i, item in enumerate(items):
+        field_name = "text" if isinstance(text, str) else f"text[{i}]"
+        if not isinstance(item, str):
+            raise invalid(field_name, f"must be a string, got {_type_name(item)}")
+        parts = [" ".join(part.split()) for part in item.split(",")]
+        if not any(parts):
+            raise invalid(field_name, "is blank; give a class name")
+        for part in parts:
+            if len(part) > MAX_NAME_CHARS:
+                raise invalid(field_name, f"a class name is at most {MAX_NAME_CHARS} characters, got {len(part)}")
+            if part and part not in names:
+                names.append(part)
+    if not names:
+        raise invalid("text", "give at least one class name, e.g. [\"traffic cone\", \"pastry\"]")
+    if len(names) > MAX_DETECT_CLASSES:
+        raise invalid("text", f"at most {MAX_DETECT_CLASSES} class names, got {len(names)}")
+    thresh = body.get("detector_score_thresh")
+    cap = body.get("max_detections")
+    return DetectParams(
+        text=names,
+        detector_score_thresh=None if thresh is None else _fraction(thresh, "detector_score_thresh"),
+        max_detections=None if cap is None else _integer(cap, "max_detections", 1, MAX_DETECTIONS),
+        top_k=_integer(body.get("top_k", 5), "top_k", 1, MAX_TOP_K), format=_format(body))
 
 
 def parse_url(body: Any) -> str:

@@ -113,6 +113,10 @@ class SegmentService:
     def has_image(self, image_id: str) -> bool:
         return image_id in self.cache
 
+    def image_state(self, image_id: str, load: Callable[[], bytes] | None) -> ImageState:
+        """The image's cached features, computed again from ``load()`` where they are not cached."""
+        return self._state(image_id, load)
+
     def _state(self, image_id: str, load: Callable[[], bytes] | None) -> ImageState:
         state = self.cache.get(image_id)
         if state is None:

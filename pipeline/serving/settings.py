@@ -34,7 +34,36 @@ class ServeSettings:
     cors_origin: list[str] = field(default_factory=list)
     label_studio_url: str | None = None
     label_studio_key_env: str | None = None
+    detector: str | None = None
+    detector_weights: str | None = None
+    detector_score_thresh: float | None = None
+    detector_nms_thresh: float | None = None
+    max_detections: int | None = None
+    detector_template: str | None = None
     warm_up: bool = True
+
+    @property
+    def detector_name(self) -> str | None:
+        """The detector of the detect route: ``detector``, or ``owlv2`` where only ``detector_weights`` is given;
+        None for a server without one."""
+        return self.detector or ("owlv2" if self.detector_weights else None)
+
+    def detector_options(self) -> Any:
+        """The detector's :class:`~pipeline.annotate.detectors.spec.DetectorOptions` (its source's defaults where
+        a value is None); None without a detector. Raises ``ValueError`` for an unknown detector, one without
+        ``detector_weights``, or a bad option."""
+        name = self.detector_name
+        if name is None:
+            return None
+        from pipeline.annotate.detectors.spec import OPEN_VOCAB_DETECTORS, parse_prompt_source, resolve_options
+
+        if name not in OPEN_VOCAB_DETECTORS:
+            raise ValueError(f"unknown detector {name!r}; expected one of {', '.join(OPEN_VOCAB_DETECTORS)}")
+        if not self.detector_weights:
+            raise ValueError(f"detector {name!r} needs detector_weights (its save_pretrained directory)")
+        source = parse_prompt_source(f"detector:{name}")
+        return resolve_options(source, score_thresh=self.detector_score_thresh, nms_thresh=self.detector_nms_thresh,
+                               max_detections=self.max_detections, template=self.detector_template, batch_size=1)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServeSettings":

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.annotate.detectors.hf import autocast, finish_boxes, load_pretrained
+from pipeline.annotate.detectors.hf import autocast, finish_boxes, load_pretrained, writable
 from pipeline.annotate.detectors.queries import TextQueries
 from pipeline.annotate.detectors.spec import DetectorOptions
 from pipeline.annotate.proposals import Proposals
@@ -122,7 +122,7 @@ class GroundingDetector:
         if not images:
             return []
         captions = self.captions(queries)
-        pixels = [self.processor.image_processor(images=[im], return_tensors="pt") for im in images]
+        pixels = [self.processor.image_processor(images=writable([im]), return_tensors="pt") for im in images]
         pools: list[list[tuple[Any, Any, list]]] = [[] for _ in images]
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(pixels):

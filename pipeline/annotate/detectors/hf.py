@@ -95,6 +95,12 @@ def weights_fingerprint(weights: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
+def writable(images: list[np.ndarray]) -> list[np.ndarray]:
+    """The images, each copied if read-only (decoded buffers may be): processors hand them to ``torch.from_numpy``,
+    which warns on read-only arrays."""
+    return [im if im.flags.writeable else im.copy() for im in images]
+
+
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.annotate.detectors.hf import autocast, finish_boxes, load_pretrained
+from pipeline.annotate.detectors.hf import autocast, finish_boxes, load_pretrained, writable
 from pipeline.annotate.detectors.queries import TextQueries
 from pipeline.annotate.detectors.spec import DetectorOptions
 from pipeline.annotate.proposals import Proposals
@@ -121,7 +121,7 @@ class OwlDetector:
         """Image features ``[B, P, H]`` and boxes ``[B, P, 4]`` (normalised xyxy) of a batch."""
         from transformers.image_transforms import center_to_corners_format
 
-        pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = self.processor(images=writable(batch), return_tensors="pt")["pixel_values"].to(self.device)
         feature_map = self.model.image_embedder(pixel_values=pixels)[0]
         b, h, w, d = feature_map.shape
         feats = feature_map.reshape(b, h * w, d)

@@ -1,4 +1,5 @@
-// The browser page of `ovsam serve`: open an image, click or drag to segment, keep masks, download COCO JSON.
+// The browser page of `ovsam serve`: open an image, click or drag to segment, find classes by name (where the
+// server has a detector), keep masks, download COCO JSON.
 "use strict";
 
 const BASE = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
@@ -18,6 +19,8 @@ const state = {
   history: [],       // undo stack: {prompts, answer}
   drag: null,
   segments: 0,
+  detector: undefined,  // the server's detector (GET /healthz), or null: the Find box is disabled
+  detecting: false,
   inflight: 0,
   seq: 0,
 };
@@ -158,6 +161,7 @@ function renderAnswer() {
   $("clear").disabled = !hasPrompts();
   $("undo").disabled = !(state.history.length || (state.image && state.image.instances.length));
   $("everything").disabled = !state.image;
+  renderFind();
   document.body.dataset.maskPixels = a ? String(a.area) : "0";
   draw();
 }
@@ -176,6 +180,13 @@ function renderInstances() {
     sw.style.background = `rgb(${inst.color.join(",")})`;
     li.appendChild(sw);
     li.appendChild(document.createTextNode(`${inst.label} ${(100 * inst.label_score).toFixed(0)}%`));
+    if (inst.detector_label !== undefined) {  // found by the detector: its own name and score beside OV-SAM's
+      const found = document.createElement("span");
+      found.className = "found";
+      found.textContent = ` · found as ${inst.detector_label} ${(100 * inst.detector_score).toFixed(0)}%`;
+      li.appendChild(found);
+      li.dataset.source = "detect";
+    }
     const del = document.createElement("button");
     del.textContent = "×";
     del.title = "remove";
@@ -291,6 +302,57 @@ async function everything() {
   }
   renderInstances();
   renderAnswer();
+}
+
+function renderFind() {
+  const on = Boolean(state.detector);
+  $("find-text").disabled = !on;
+  $("detect").disabled = !on || !state.image || state.detecting;
+  $("find-note").hidden = on || state.detector === undefined;  // no note before /healthz has answered
+  $("find-text").title = on ? `${state.detector.name}: boxes scoring above ${state.detector.score_thresh}` : "";
+}
+
+async function detect() {
+  // Every instance of the typed classes: the server's detector finds the boxes, OV-SAM segments and names them.
+  const im = state.image;
+  if (!im || !state.detector) return;
+  const text = $("find-text").value.split(/[,\n]/).map((s) => s.trim()).filter(Boolean);
+  if (!text.length) { showError(new Error("type the class names to find, separated by commas")); return; }
+  state.detecting = true;
+  renderFind();
+  try {
+    const out = await api(`v1/images/${im.image_id}/detect`, {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({text, top_k: 5})});
+    if (im !== state.image) return;
+    for (const inst of out.instances) {
+      const color = COLORS[im.instances.length % COLORS.length];
+      im.instances.push(Object.assign(inst, {canvas: maskCanvas(decodeRle(inst.mask), im.width, im.height, color, 90),
+                                             color}));
+    }
+    showError(null);
+    $("latency").textContent = out.instances.length
+      ? `detect: ${out.instances.length} instance(s) of ${out.text.join(", ")} in ${out._ms.toFixed(0)} ms`
+      : `detect: nothing scored above ${out.detector_score_thresh} for ${out.text.join(", ")}`;
+    document.body.dataset.detected = String(out.instances.length);
+  } catch (err) {
+    showError(err);
+  } finally {
+    state.detecting = false;
+  }
+  renderInstances();
+  renderAnswer();
+}
+
+async function loadServerInfo() {
+  // GET /healthz (open, no token) says whether the server has a detector for the Find box.
+  try {
+    const res = await fetch(BASE + "healthz");
+    state.detector = res.ok ? ((await res.json()).detector || null) : null;
+  } catch (err) {
+    state.detector = null;
+  }
+  renderFind();
+  document.body.dataset.detector = state.detector ? state.detector.name : "none";
 }
 
 async function openFile(file) {
@@ -439,9 +501,10 @@ $("everything").onclick = everything;
 $("download").onclick = downloadCoco;
 $("vocabulary").addEventListener("change", chooseVocabulary);
 $("vocab-add").onclick = addNames;
+$("find").addEventListener("submit", (e) => { e.preventDefault(); detect(); });
 $("token").value = sessionStorage.getItem("ovsam-token") || "";
 $("token").addEventListener("change", () => sessionStorage.setItem("ovsam-token", $("token").value.trim()));
 
 renderAnswer();
 document.body.dataset.segments = "0";
-document.body.dataset.ready = "1";
+loadServerInfo().finally(() => { document.body.dataset.ready = "1"; });

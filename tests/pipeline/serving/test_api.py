@@ -5,6 +5,7 @@
 - A table of bad requests, each answered with its documented 4xx while good requests keep being answered.
 - Label Studio's ``/predict``: its brush RLE decodes with Label Studio's own decoder to our mask.
 - A soak: many images and clicks keep the feature cache within ``--cache-bytes``.
+- The detect route through the replicas (a tiny random-weight OWLv2 built in each), and the page's Find box.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def server(tmp_path_factory):
     from ray import serve
 
     from jobs.serve import start
+    from pipeline.annotate.detectors.tiny import save_tiny_detector
     from pipeline.serving.app import ServeSettings, build_app
 
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the replicas load the tiny detector from a local directory
+    detector = str(save_tiny_detector("owlv2", tmp_path_factory.mktemp("owlv2")))
     allowed = tmp_path_factory.mktemp("allowed")
     outside = tmp_path_factory.mktemp("outside")
     Image.fromarray(scene(7)).save(allowed / "seven.png")
@@ -51,15 +55,17 @@ def server(tmp_path_factory):
     os.environ[TOKEN_ENV] = TOKEN
     settings = ServeSettings(model="ovsam-tiny", precision="fp32", vocabulary="coco", token_env=TOKEN_ENV,
                              allow_url_prefix=[str(allowed)], max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS,
-                             cpus_per_replica=1, max_batch_size=8, batch_wait_ms=20, cache_bytes=CACHE_BYTES)
+                             cpus_per_replica=1, max_batch_size=8, batch_wait_ms=20, cache_bytes=CACHE_BYTES,
+                             detector="owlv2", detector_weights=detector)
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         start(settings, "127.0.0.1", port)
-        # a second application whose images expire after a second
-        serve.run(build_app(dataclasses.replace(settings, cache_ttl=1.0, warm_up=False)), name="short",
-                  route_prefix="/short")
-        yield {"base": f"http://127.0.0.1:{port}", "allowed": allowed, "outside": outside, "settings": settings}
+        # a second application whose images expire after a second, without a detector
+        serve.run(build_app(dataclasses.replace(settings, cache_ttl=1.0, warm_up=False, detector=None,
+                                                detector_weights=None)), name="short", route_prefix="/short")
+        yield {"base": f"http://127.0.0.1:{port}", "allowed": allowed, "outside": outside, "settings": settings,
+               "detector": detector}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -282,6 +288,12 @@ def _bad_requests(server, image_id: str, expired_id: str):
          "invalid_field", "builtin"),
         ("everything bad grid", "POST", f"/v1/images/{image_id}/everything", dict(body={"points_per_side": 0}),
          422, "invalid_field", "points_per_side"),
+        ("detect empty text", "POST", f"/v1/images/{image_id}/detect", dict(body={"text": []}), 422,
+         "invalid_field", "text"),
+        ("detect bad threshold", "POST", f"/v1/images/{image_id}/detect",
+         dict(body={"text": ["dog"], "detector_score_thresh": 2}), 422, "invalid_field", "detector_score_thresh"),
+        ("detect without a detector", "POST", f"/short/v1/images/{expired_id}/detect", dict(body={"text": ["dog"]}),
+         404, "detector_not_configured", None),
         ("missing token", "POST", seg, dict(body={"points": [[1, 1, 1]]}, headers={"Authorization": ""}),
          401, "unauthorized", "Authorization"),
         ("wrong token", "POST", seg, dict(body={"points": [[1, 1, 1]]},
@@ -448,5 +460,110 @@ def test_browser_page_segments_a_click_and_keeps_the_mask(client, server, tmp_pa
         errors = console_errors(driver)
         assert not errors, errors
         assert driver.save_screenshot(str(ARTEFACTS / "serve_page_kept.png"))
+    finally:
+        driver.quit()
+
+
+def _detect_reference(server, image: np.ndarray, names: list[str], boxes: list[list[float]]):
+    """The detector's ``detect`` (server defaults) on ``image``, and OV-SAM's prompts of ``boxes`` (the replica's
+    detector boxes, which may differ from this process's in the last bits), in this process."""
+    import ovsam
+    from pipeline.annotate.detectors.owl import OwlDetector
+    from pipeline.annotate.detectors.queries import TextQueries
+    from pipeline.annotate.detectors.spec import parse_prompt_source, resolve_options
+
+    options = resolve_options(parse_prompt_source("detector:owlv2"))
+    queries = TextQueries.from_text(names)
+    found = OwlDetector("owlv2", server["detector"], options=options, queries=queries).detect([image], queries)[0]
+    model = ovsam.build_ovsam("ovsam-tiny", precision="fp32")
+    predictor = ovsam.OvsamPredictor(model, ovsam.Vocabulary.from_names(names, model, progress=False,
+                                                                        check_synonyms=False))
+    predictor.set_image(image)
+    return found, predictor.predict(box=np.asarray(boxes, dtype=np.float64))
+
+
+def test_detect_through_the_replicas_equals_the_detector_then_box_prompts(client, server):
+    from tests.pipeline.serving.test_detect import assert_detect_answer
+
+    names = ["traffic cone", "pastry"]
+    image = scene(30, 120, 160)
+    up = client.upload(image)
+    status, answer = client.request("POST", f"/v1/images/{up['image_id']}/detect", {"text": names})
+    assert status == 200, answer
+    assert (answer["detector"], answer["detector_score_thresh"], answer["max_detections"]) == ("owlv2", 0.1, 100)
+    boxes = [i["detector_box"] for i in answer["instances"]]
+    assert_detect_answer(answer, *_detect_reference(server, image, names, boxes), names, tolerance=1e-3)
+    status, health = client.request("GET", "/healthz")
+    assert health["detector"]["name"] == "owlv2"
+    status, stats = client.request("GET", "/v1/stats")
+    assert stats["replicas"][0]["detects"] >= 2  # the warm-up's and this one
+    status, metrics = client.request("GET", "/metrics")
+    assert 'ovsam_serve_requests_total{method="POST",route="/v1/images/{id}/detect"}' in metrics
+
+
+def test_browser_page_finds_typed_classes(client, server, tmp_path):
+    """The page's Find box in headless chromium: type two classes, Detect; every instance the API answers for the
+    same image and text is drawn (its mask tinted on the canvas) and listed with OV-SAM's and the detector's names
+    and scores. On a server without a detector the box is disabled, with a note."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import ARTEFACTS, console_errors, headless_chrome
+
+    image = scene(31, 240, 320)
+    image[40:200, 60:150] = (240, 140, 30)
+    path = tmp_path / "find.png"
+    Image.fromarray(image).save(path)
+    driver = headless_chrome(1300, 900)
+    wait = WebDriverWait(driver, 120)
+
+    def body(name):
+        return driver.execute_script(f"return document.body.dataset.{name} || ''")
+
+    try:
+        driver.get(server["base"] + "/short/")  # no detector there
+        wait.until(lambda d: body("ready") == "1")
+        assert body("detector") == "none"
+        assert not driver.find_element(By.ID, "find-text").is_enabled()
+        assert driver.find_element(By.ID, "find-note").is_displayed()
+
+        driver.get(server["base"] + "/")
+        wait.until(lambda d: body("ready") == "1")
+        assert body("detector") == "owlv2" and not driver.find_element(By.ID, "find-note").is_displayed()
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        wait.until(lambda d: body("imageId") != "")
+        wait.until(lambda d: d.find_element(By.ID, "detect").is_enabled())
+        driver.find_element(By.ID, "find-text").send_keys("traffic cone, pastry")
+        driver.find_element(By.ID, "detect").click()
+        wait.until(lambda d: body("detected") != "")
+        status, api = client.request("POST", f"/v1/images/{body('imageId')}/detect",
+                                     {"text": ["traffic cone", "pastry"], "top_k": 5})
+        assert status == 200 and len(api["instances"]) > 0
+        assert int(body("detected")) == int(body("instances")) == len(api["instances"])
+        page = driver.execute_script(
+            "return state.image.instances.map((i) => ({mask: i.mask, label: i.label, label_score: i.label_score, "
+            "detector_label: i.detector_label, detector_score: i.detector_score}))")
+        assert page == [{k: i[k] for k in ("mask", "label", "label_score", "detector_label", "detector_score")}
+                        for i in api["instances"]]
+        rows = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#instances li[data-source=detect]")]
+        assert len(rows) == len(api["instances"])
+        for row, inst in zip(rows, api["instances"]):
+            assert row.startswith(f"{inst['label']} {round(100 * inst['label_score'])}%")
+            assert f"found as {inst['detector_label']} {round(100 * inst['detector_score'])}%" in row
+        assert driver.find_element(By.ID, "count").text == str(len(api["instances"]))
+        # the masks are drawn: where the first instance's mask is, the canvas differs from the image
+        first = mask_utils.decode({"size": api["instances"][0]["mask"]["size"],
+                                   "counts": api["instances"][0]["mask"]["counts"].encode()}) > 0
+        drawn = np.asarray(driver.execute_script(
+            "return Array.from(document.getElementById('view').getContext('2d')"
+            ".getImageData(0, 0, 320, 240).data)"), dtype=np.int16).reshape(240, 320, 4)[..., :3]
+        assert np.abs(drawn[first] - image[first]).mean() > 10
+        assert driver.find_element(By.ID, "download").is_enabled()
+        assert driver.find_element(By.ID, "error").get_attribute("hidden") is not None
+        errors = console_errors(driver)
+        assert not errors, errors
+        ARTEFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTEFACTS / "serve_page_find.png"))
     finally:
         driver.quit()
