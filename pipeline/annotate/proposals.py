@@ -59,21 +59,13 @@ class TorchvisionDetector:
         import torch
         import torchvision
 
-        from ovsam.checkpoint import load_state_dict_strict, read_state_dict
-
         available = torchvision.models.list_models(module=torchvision.models.detection)
         if name not in available:
             raise ValueError(f"unknown torchvision detector {name!r}; available: {', '.join(available)}")
         if weights is None:
             raise ValueError(f"detector {name!r} needs --detector-weights (a local state dict file)")
-        state = read_state_dict(weights)
-        num_classes = _num_classes(state)
-        kwargs = {"weights": None, "weights_backbone": None}
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        model = torchvision.models.get_model(name, **kwargs)
-        load_state_dict_strict(model, state, source=str(weights))
-        self.model = model.eval().to(device)
+        model, num_classes = load_torchvision_detection(name, weights, device)
+        self.model = model
         self.device = device
         self.score_thresh = float(score_thresh)
         self.nms_thresh = float(nms_thresh)
@@ -109,6 +101,23 @@ class TorchvisionDetector:
             names = [self.categories[i] if self.categories and i < len(self.categories) else str(i) for i in ids]
             result.append(Proposals(boxes=boxes, scores=[float(s) for s in scores], labels=names))
         return result
+
+
+def load_torchvision_detection(name: str, weights: str | Path, device: str) -> tuple[object, int | None]:
+    """``(model in eval mode on device, its class count or None for the builder's default)`` of the torchvision
+    detection model ``name`` from a state dict file (loaded with ``weights_only=True``, every key checked)."""
+    import torchvision
+
+    from ovsam.checkpoint import load_state_dict_strict, read_state_dict
+
+    state = read_state_dict(weights)
+    num_classes = _num_classes(state)
+    kwargs = {"weights": None, "weights_backbone": None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = torchvision.models.get_model(name, **kwargs)
+    load_state_dict_strict(model, state, source=str(weights))
+    return model.eval().to(device), num_classes
 
 
 def _num_classes(state: dict) -> int | None:

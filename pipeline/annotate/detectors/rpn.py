@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torchvision
 
-from pipeline.annotate.proposals import Proposals, _num_classes
+from pipeline.annotate.proposals import Proposals, load_torchvision_detection
 
 _TWO_STAGE_PREFIXES = ("fasterrcnn_", "maskrcnn_", "keypointrcnn_")
 #: torchvision detection models with a region proposal network, the ones that can propose class-agnostic boxes
@@ -59,8 +59,6 @@ class RpnProposals:
                  max_detections: int = 100, device: str = "cpu", precision: str = "fp32") -> None:
         import torch
 
-        from ovsam.checkpoint import load_state_dict_strict, read_state_dict
-
         check_two_stage(name)
         if weights is None:
             raise ValueError(f"proposals of {name!r} need detector weights (a local state dict file)")
@@ -71,14 +69,7 @@ class RpnProposals:
                 raise ValueError(f"proposal {label} must be in [0, 1], got {value}")
         if int(max_detections) < 1:
             raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-        state = read_state_dict(weights)
-        num_classes = _num_classes(state)
-        kwargs = {"weights": None, "weights_backbone": None}
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        model = torchvision.models.get_model(name, **kwargs)
-        load_state_dict_strict(model, state, source=str(weights))
-        self.model = model.eval().to(device)
+        self.model, _ = load_torchvision_detection(name, weights, device)
         self.name = name
         self.device = device
         self.device_type = torch.device(device).type
