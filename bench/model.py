@@ -7,13 +7,25 @@ Launch (from the repository root):
     .venv/bin/python bench/model.py --systems ovsam-rn50x16 --precisions fp32,bf16 --boxes 1,10,100 --repeats 3
     .venv/bin/python bench/model.py --systems image-crop,feature-crop --precisions bf16 --boxes 10 --json b.json
     python bench/model.py --device cuda --systems ovsam-rn50x16 --precisions bf16 --compile --batch 1,16
+    .venv/bin/python bench/model.py --systems owlv2+ovsam,grounding-dino+ovsam,sam3,grid,proposals:owlv2 \
+        --precisions bf16 --classes 80,1203 --max-calls 1 --sam3-batch 1 --repeats 1    # open-world, 2-core CPU
 
 Systems (``bench/systems.py`` says exactly what each runs): ``ovsam-rn50x16`` (this project), ``image-crop``
 (SAM ViT-H masks, then CLIP RN50x16 on each masked box crop at 384 x 384), ``feature-crop`` (SAM ViT-H masks plus
 one CLIP RN50x16 trunk pass at 1024 x 1024, C5 pooled inside each mask), ``ovsam-convnext-large``. All weights are
 random: cost does not depend on their values. ``--tiny`` maps the systems to tiny configs (``ovsam-tiny``,
 ``sam-tiny`` + ``ovsam-tiny``'s CLIP, ``ovsam-tiny`` with a ``convnext_atto`` trunk) so the whole matrix runs in
-seconds; its numbers only show that the benchmark works.
+seconds (about a minute more with the open-world systems); its numbers only show that the benchmark works.
+
+Open-world systems (``bench/open_world.py``; named with ``--systems``, or all of them with ``--tiny``): one image
+with no given boxes, found and named at each vocabulary of ``--classes`` (80 = COCO with its synonyms, 1203 = LVIS):
+``owlv2+ovsam`` and ``grounding-dino+ovsam`` (the project's detectors queried with the vocabulary, their top
+``--detections`` boxes, then OV-SAM), ``sam3`` (transformers' SAM 3, one text concept per class), ``grid`` (OV-SAM's
+everything mode, 32 x 32 points) and ``proposals:owlv2`` (OWLv2 objectness boxes, then OV-SAM). Their rows have
+``batch`` 1, ``boxes`` = the prompts OV-SAM (or SAM 3's mask output) got, ``classes``; ``--max-calls`` runs fewer of
+their repeated calls and extrapolates (``extrapolated``); once-per-vocabulary text work is in ``text_gflops`` /
+``text_s``, not in ``gflops`` / ``p50_s``. ``--tiny`` maps them to the tiny random detectors and SAM 3 of
+``pipeline/annotate/detectors/tiny.py`` and ``ovsam-tiny``, with ``--max-calls 8`` unless given.
 
 The work of one row: a pass over ``--batch`` images of 1024 x 768 pixels (resized and padded to the model's input
 size), each with ``boxes`` box prompts (seeded random boxes, sides 5-50% of the image's), every box decoded to a
@@ -104,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/model.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (top of bench/model.py) for what each number means.")
-    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated (default: {DEFAULT_SYSTEMS})")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated (default: {DEFAULT_SYSTEMS}; with --tiny every system, the open-world "
+                        "ones of bench/open_world.py too)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated fp32/bf16/fp16/auto (default: fp32,bf16)")
     p.add_argument("--boxes", default="1,10,100", help="box prompts per image, comma-separated (default: 1,10,100)")
     p.add_argument("--batch", default="1", help="images per pass, comma-separated (default: 1)")
@@ -116,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the models (after counting FLOPs eagerly)")
     p.add_argument("--tiny", action="store_true", help="tiny configs for every system (tests, smoke runs)")
     p.add_argument("--vocabulary", default="coco", help="coco, lvis, imagenet21k or a class count (default: coco)")
+    ow = p.add_argument_group("open-world systems (bench/open_world.py)")
+    ow.add_argument("--classes", default="80,1203",
+                    help="vocabularies, comma-separated: 80 = COCO, 1203 = LVIS, or a built-in list name (default: "
+                         "80,1203)")
+    ow.add_argument("--detections", type=int, default=100,
+                    help="detector boxes (SAM 3: masks) per image, the best by score (default: 100)")
+    ow.add_argument("--max-calls", type=int, default=None,
+                    help="run at most N of the repeated calls per image (SAM 3 concept forwards, Grounding DINO "
+                         "captions, grid decoder calls) and extrapolate the rest linearly (default: all; 8 with "
+                         "--tiny)")
+    ow.add_argument("--sam3-batch", type=int, default=8, help="SAM 3 concepts per forward (default: 8)")
+    ow.add_argument("--grid-points", type=int, default=None, help="grid points per side (default: 32; tiny 16)")
     p.add_argument("--crop-chunk", type=int, default=32, help="image-crop baseline: crops per CLIP pass (default: 32)")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the ceiling's square matrix product "
                                                                    "(default: 4096; 512 with --tiny)")
@@ -241,15 +267,22 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
     """The whole benchmark; ``progress(result)`` (if given) gets the partial result after every system."""
     import torch
 
+    from bench import open_world
     from bench.common import machine_info, matmul_ceiling
     from bench.systems import SYSTEMS, build_system
     from ovsam.precision import DTYPES, resolve_precision
     from ovsam.runtime import keep_freed_memory
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
+    known = (*SYSTEMS, *open_world.SYSTEMS)
+    text = args.systems if args.systems is not None else ",".join(known) if args.tiny else DEFAULT_SYSTEMS
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in known]
     if unknown or not systems:
-        raise ValueError(f"unknown system(s) {unknown}; expected a comma-separated subset of {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown system(s) {unknown}; expected a comma-separated subset of {', '.join(known)}")
+    class_sets = open_world.parse_classes(args.classes) if any(s in open_world.SYSTEMS for s in systems) else []
+    if args.detections < 1 or (args.max_calls is not None and args.max_calls < 1) or args.sam3_batch < 1 or \
+            (args.grid_points is not None and args.grid_points < 1):
+        raise ValueError("--detections, --max-calls, --sam3-batch and --grid-points must be >= 1")
     box_counts = _int_list("--boxes", args.boxes)
     batches = _int_list("--batch", args.batch)
     if args.repeats < 1 or args.warmup < 1:
@@ -284,11 +317,48 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
         "settings": {"systems": systems, "precisions": precisions, "boxes": box_counts, "batch": batches,
                      "repeats": args.repeats, "stage_repeats": stage_repeats, "warmup": args.warmup,
                      "compile": args.compile, "tiny": args.tiny, "vocabulary": vocabulary, "seed": args.seed,
-                     "device": args.device},
+                     "device": args.device, "classes": [c.label for c in class_sets],
+                     "detections": args.detections, "max_calls": args.max_calls, "sam3_batch": args.sam3_batch,
+                     "grid_points": args.grid_points},
     }
+
+    def finish(r: dict[str, Any], build_s: float) -> None:
+        r["build_s"] = build_s
+        r["ceiling_gflop_s"] = ceilings[r["precision"]]
+        r["floor_s"] = r["gflops"] / ceilings[r["precision"]]
+        r["ratio"] = r["p50_s"] / r["floor_s"] if r["floor_s"] > 0 else None
+        what = f"{r['classes']} classes, {r['boxes']} prompts" if "class_list" in r else f"boxes {r['boxes']}"
+        print(f"[bench] {r['system']} {r['precision']} batch {r['batch']} {what}: {r['gflops']:.1f} GFLOPs, "
+              f"p50 {r['p50_s']:.3f}s ({r['ratio']:.1f}x floor)", flush=True)
+        rows.append(r)
+
+    max_calls = args.max_calls if args.max_calls is not None or not args.tiny else 8
+    result["settings"]["max_calls"] = max_calls
+    ow_settings = argparse.Namespace(**{**vars(args), "max_calls": max_calls})
+    ow_times: dict[Any, Any] = {}
     for name in systems:
         for precision in precisions:
             t = time.perf_counter()
+            if name in open_world.SYSTEMS:  # one image per row, at every vocabulary of --classes
+                system = None
+                try:
+                    system = open_world.build(name, ow_settings, precision)
+                    build_s = time.perf_counter() - t
+                    for classes in class_sets:
+                        finish(open_world.measure(system, classes, args.repeats, args.warmup, flop_cache, ow_times),
+                               build_s)
+                except Exception as e:  # as below: report and go on
+                    _failed(errors, name, precision, None if system is None else 1, e)
+                finally:
+                    if system is not None:
+                        system.close()
+                    del system
+                    gc.collect()
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                if progress is not None:
+                    progress(result)
+                continue
             system = None
             try:
                 system = build_system(name, tiny=args.tiny, device=args.device, precision=precision,
@@ -313,13 +383,7 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
                         torch.cuda.empty_cache()
                 else:
                     for r in new:
-                        r["build_s"] = build_s
-                        r["ceiling_gflop_s"] = ceilings[r["precision"]]
-                        r["floor_s"] = r["gflops"] / ceilings[r["precision"]]
-                        r["ratio"] = r["p50_s"] / r["floor_s"] if r["floor_s"] > 0 else None
-                        print(f"[bench] {name} {r['precision']} batch {batch} boxes {r['boxes']}: "
-                              f"{r['gflops']:.1f} GFLOPs, p50 {r['p50_s']:.3f}s ({r['ratio']:.1f}x floor)", flush=True)
-                    rows += new
+                        finish(r, build_s)
             del system
             gc.collect()
             if args.device == "cuda":
@@ -346,18 +410,32 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, "
             f"{m['torch_threads']} threads), {m['date']}\n"
             "ceilings (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in c.items()))
-    cols = f"{'system':22}{'prec':>5}{'cmp':>4}{'batch':>6}{'boxes':>6}{'params M':>9}{'GFLOPs':>9}" \
+    cols = f"{'system':22}{'prec':>5}{'cmp':>4}{'batch':>6}{'boxes':>6}{'classes':>8}{'params M':>9}{'GFLOPs':>10}" \
            f"{'p50 s':>8}{'p90 s':>8}{'floor s':>8}{'x floor':>8}{'img/s':>8}"
     lines = [head, "", cols]
     for r in result["rows"]:
+        mark = "*" if r.get("extrapolated") else ""
         lines.append(f"{r['system']:22}{r['precision']:>5}{'y' if r['compile'] else '-':>4}{r['batch']:>6}"
-                     f"{r['boxes']:>6}{r['params_m']:9.1f}{r['gflops']:9.1f}{_fmt_s(r['p50_s']):>8}"
-                     f"{_fmt_s(r['p90_s']):>8}{_fmt_s(r['floor_s']):>8}{r['ratio']:8.1f}{r['images_per_s']:8.2f}")
+                     f"{r['boxes']:>6}{r['classes']:>8}{r['params_m']:9.1f}{r['gflops']:10.1f}"
+                     f"{_fmt_s(r['p50_s']) + mark:>8}{_fmt_s(r['p90_s']):>8}{_fmt_s(r['floor_s']):>8}"
+                     f"{r['ratio']:8.1f}{r['images_per_s']:8.2f}")
+    if any(r.get("extrapolated") for r in result["rows"]):
+        lines.append("* extrapolated: --max-calls ran fewer calls than an image needs (see 'calls' below)")
     lines += ["", "stages (median seconds per pass):"]
     for r in result["rows"]:
         stages = ", ".join(f"{k} {_fmt_s(v)}" for k, v in r["stages"].items())
+        where = f"boxes {r['boxes']}" if "class_list" not in r else f"{r['class_list']} ({r['classes']} classes)"
         lines.append(f"  {r['system']} {r['precision']}{' compiled' if r['compile'] else ''} batch {r['batch']} "
-                     f"boxes {r['boxes']}: {stages}")
+                     f"{where}: {stages}")
+    ow = [r for r in result["rows"] if "class_list" in r]
+    if ow:
+        lines += ["", "open-world rows: GFLOPs per stage; calls run / needed per image; once per vocabulary (not "
+                      "in the per-image numbers):"]
+        for r in ow:
+            per = ", ".join(f"{k} {v:,.1f}" for k, v in r["stage_gflops"].items())
+            text = "-" if r["text_gflops"] is None else f"{r['text_gflops']:,.1f} GFLOPs, {_fmt_s(r['text_s'])} s"
+            lines.append(f"  {r['system']} {r['precision']} {r['classes']} classes ({r['queries']} queries): {per}; "
+                         f"calls {r['measured_calls']}/{r['calls']}; text once: {text}")
     for e in result["errors"]:
         where = "build" if e["batch"] is None else f"batch {e['batch']}"
         lines.append(f"FAILED {e['system']} {e['precision']} {where}: {e['error']}")

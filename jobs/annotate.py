@@ -151,11 +151,11 @@ def hashed_config(cfg: AnnotateConfig, checkpoint_hash: str | None, vocabulary_h
 
 
 def detector_record(st: ModelStageConfig, weights_hash: str | None) -> dict[str, Any]:
-    """What run.json and the config hash hold of a detector or proposal source: its name, its weights' hash, and
-    its resolved template and thresholds."""
+    """What the config hash (and run.json's ``hashed``) holds of a detector or proposal source: its name, its
+    weights' hash (not their path: moved weights resume), and its resolved template and thresholds."""
     options = detector_options(st)
     source = parse_prompt_source(st.prompts)
-    return {"detector": source.spec, "detector_weights": st.detector_weights, "detector_weights_sha256": weights_hash,
+    return {"detector": source.spec, "detector_weights_sha256": weights_hash,
             "detector_score_thresh": options.score_thresh, "detector_nms_thresh": options.nms_thresh,
             "max_detections": options.max_detections,
             **({"detector_template": options.template} if source.open_vocabulary else {})}

@@ -67,13 +67,20 @@ def summarize(out: Path) -> tuple[str, dict[str, Any]]:
     if data["ceilings"]:
         lines.append("matmul ceilings (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in data["ceilings"].items()))
     if data["rows"]:
-        lines += ["", f"{'system':16}{'prec':>5}{'compile':>8}{'batch':>6}{'boxes':>6}{'GFLOPs/img':>11}"
+        lines += ["", f"{'system':21}{'prec':>5}{'compile':>8}{'batch':>6}{'boxes':>6}{'classes':>8}{'GFLOPs/img':>11}"
                       f"{'p50 ms':>9}{'p90 ms':>9}{'ms/img':>8}{'img/s':>8}{'x floor':>8}"]
         for row in data["rows"]:
-            lines.append(f"{row['system']:16}{row['precision']:>5}{'yes' if row['compile'] else 'no':>8}"
-                         f"{row['batch']:>6}{row['boxes']:>6}{_num(row['gflops_per_image']):>11}"
+            classes = f"{row.get('classes', '-')}{'*' if row.get('extrapolated') else ''}"
+            lines.append(f"{row['system']:21}{row['precision']:>5}{'yes' if row['compile'] else 'no':>8}"
+                         f"{row['batch']:>6}{row['boxes']:>6}{classes:>8}{_num(row['gflops_per_image']):>11}"
                          f"{1000 * row['p50_s']:9.1f}{1000 * row['p90_s']:9.1f}"
                          f"{1000 * row['p50_s'] / row['batch']:8.1f}{row['images_per_s']:8.1f}{row['ratio']:8.1f}")
+        if any(row.get("extrapolated") for row in data["rows"]):
+            lines.append("* extrapolated from fewer calls (bench/model.py --max-calls)")
+        for row in data["rows"]:
+            if row.get("text_gflops") is not None:
+                lines.append(f"once per vocabulary: {row['system']} {row['precision']} {row['classes']} classes: "
+                             f"text {_num(row['text_gflops'])} GFLOPs, {1000 * row['text_s']:.1f} ms")
     else:
         lines.append("no model rows")
     stage = _load(out / "model_stage.json")

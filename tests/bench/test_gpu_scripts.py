@@ -1,7 +1,7 @@
 """bench/gpu: the summary table from a run folder (whatever steps succeeded), the wheel-tag check of the installer,
 and (slow) the whole run.sh as a tiny CPU smoke run.
 
-Run time: about 1 s without the slow test; the slow one about 1-3 min on 2 cores.
+Run time: about 1 s without the slow test; the slow one about 2-4 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -73,9 +73,13 @@ def test_run_script_tiny_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     steps = (tmp_path / "steps.tsv").read_text().splitlines()
     assert [line.split("\t")[:2] for line in steps] == [["env", "ok"], ["model_eager", "ok"], ["model_stage", "ok"],
-                                                        ["model_compile", "skipped"]]
+                                                        ["open_world", "ok"], ["model_compile", "skipped"]]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["rows"]) == 8  # fp32/bf16 x batch 1/2 x 1/10 boxes
+    # fp32/bf16 x batch 1/2 x 1/10 boxes, then 5 open-world systems x 80/1,203 classes
+    assert len(summary["rows"]) == 8 + 10
+    assert {row["system"] for row in summary["rows"] if row["source"] == "model_open_world.json"} == {
+        "owlv2+ovsam", "grounding-dino+ovsam", "sam3", "grid", "proposals:owlv2"}
+    assert "once per vocabulary: sam3 bf16 1203 classes" in proc.stdout
     assert summary["model_stage"]["images_per_s"] > 0
     assert "model stage (ovsam-tiny bf16" in proc.stdout
 

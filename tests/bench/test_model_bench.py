@@ -1,6 +1,6 @@
 """bench/model.py and bench/scaling.py at tiny sizes: the JSON has the promised shape and its numbers add up.
 
-Run time: about 30 s on 2 cores (every system's tiny config, one torch thread).
+Run time: about 40 s on 2 cores (every system's tiny config, the open-world ones included, one torch thread).
 """
 
 from __future__ import annotations
@@ -15,31 +15,45 @@ import pytest
 import torch
 
 from bench import model as model_bench
-from bench import scaling
+from bench import open_world, scaling
 from bench.common import random_boxes, random_vocabulary
 from bench.systems import SYSTEMS
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--tiny", "--threads", "1", "--matmul-size", "256", "--repeats", "2"]
+# the open-world systems: 5 boxes; at most 8 repeated calls (Grounding DINO's 80-class captions all run, its 1,203-class
+# ones and SAM 3's concept batches are extrapolated); an 8 x 8 grid (one decoder call)
+OPEN_WORLD = ["--classes", "80,1203", "--detections", "5", "--max-calls", "8", "--grid-points", "8"]
 
 
-def test_model_benchmark_every_system(tmp_path):
-    out = tmp_path / "model.json"
-    assert model_bench.main([*TINY, "--precisions", "fp32", "--boxes", "1,3", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def every_system(tmp_path_factory):
+    """One tiny run of every system (``--tiny`` without ``--systems``), fp32; its JSON."""
+    out = tmp_path_factory.mktemp("model") / "model.json"
+    threads = torch.get_num_threads()
+    try:
+        assert model_bench.main([*TINY, "--precisions", "fp32", "--boxes", "1,3", *OPEN_WORLD, "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(out.read_text())
+
+
+def test_model_benchmark_every_system(every_system):
+    r = every_system
     assert set(r) >= {"ceilings", "rows", "machine", "settings", "errors"}
     assert r["errors"] == []
     assert set(r["ceilings"]) == {"fp32", "bf16"} and all(v > 0 for v in r["ceilings"].values())
     assert {"cpu", "date", "torch", "cpu_count"} <= set(r["machine"])
-    assert [(row["system"], row["boxes"]) for row in r["rows"]] == [(s, n) for s in SYSTEMS for n in (1, 3)]
-    for row in r["rows"]:
+    rows = [row for row in r["rows"] if row["system"] in SYSTEMS]
+    assert [(row["system"], row["boxes"]) for row in rows] == [(s, n) for s in SYSTEMS for n in (1, 3)]
+    for row in rows:
         assert row["precision"] == "fp32" and row["batch"] == 1
         assert row["gflops"] == pytest.approx(row["gflops_image"] + row["gflops_boxes"])
         assert row["floor_s"] == pytest.approx(row["gflops"] / r["ceilings"]["fp32"])
         assert row["ratio"] == pytest.approx(row["p50_s"] / row["floor_s"])
         assert 0 < row["p50_s"] <= row["p90_s"] and len(row["samples_s"]) == 2
         assert row["params_m"] > 0 and row["stages"] and all(v >= 0 for v in row["stages"].values())
-    by = {(row["system"], row["boxes"]): row for row in r["rows"]}
+    by = {(row["system"], row["boxes"]): row for row in rows}
     for s in SYSTEMS:
         # one image side for both box counts; the per-box part grows with the boxes
         assert by[s, 1]["gflops_image"] == by[s, 3]["gflops_image"] > 0
@@ -50,6 +64,59 @@ def test_model_benchmark_every_system(tmp_path):
     assert {"sam_encoder", "clip_trunk", "sam_decode", "mask_pool+proj", "classify"} == set(by["feature-crop", 1]["stages"])
     # a CLIP pass per crop costs far more per box than pooling the one trunk pass's features
     assert by["image-crop", 3]["gflops_boxes"] > 5 * by["feature-crop", 3]["gflops_boxes"]
+
+
+def test_model_benchmark_open_world_systems(every_system):
+    r = every_system
+    rows = [row for row in r["rows"] if row["system"] in open_world.SYSTEMS]
+    assert [(row["system"], row["classes"]) for row in rows] == [(s, c) for s in open_world.SYSTEMS
+                                                                 for c in (80, 1203)]
+    for row in rows:
+        assert row["precision"] == "fp32" and row["batch"] == 1 and row["params_m"] > 0
+        assert row["gflops"] > 0 and 0 < row["p50_s"] <= row["p90_s"] and len(row["samples_s"]) == 2
+        assert row["gflops"] == pytest.approx(row["gflops_image"] + row["gflops_boxes"])
+        assert sum(row["stage_gflops"].values()) == pytest.approx(row["gflops"], rel=1e-6)  # stages cover the pass
+        assert row["floor_s"] == pytest.approx(row["gflops"] / r["ceilings"]["fp32"])
+        assert row["ratio"] == pytest.approx(row["p50_s"] / row["floor_s"])
+        assert row["extrapolated"] == (row["measured_calls"] < row["calls"])
+        assert (row["text_gflops"] is not None) == (row["system"] in ("owlv2+ovsam", "sam3"))
+        assert row["text_gflops"] is None or (row["text_gflops"] > 0 and row["text_s"] > 0)
+    by = {(row["system"], row["classes"]): row for row in rows}
+    for s in ("owlv2+ovsam", "grounding-dino+ovsam", "sam3", "proposals:owlv2"):
+        assert by[s, 80]["boxes"] == by[s, 1203]["boxes"] == 5  # the detector's (SAM 3's) best 5
+    assert by["grid", 80]["boxes"] == 64 and by["grid", 80]["calls"] == 1
+    assert {"detector", "encode_images", "decode+recognition", "masks+labels"} == set(by["owlv2+ovsam", 80]["stages"])
+    assert {"vision", "detr+masks", "masks+labels"} == set(by["sam3", 80]["stages"])
+    assert {"encode_images", "grid"} == set(by["grid", 80]["stages"])
+
+    # Grounding DINO reads the vocabulary as captions of <= 256 tokens, a whole model call each: LVIS costs more
+    gd80, gd1203 = by["grounding-dino+ovsam", 80], by["grounding-dino+ovsam", 1203]
+    assert not gd80["extrapolated"] and gd1203["extrapolated"] and gd1203["calls"] > gd80["calls"] > 1
+    assert gd1203["gflops"] > 1.5 * gd80["gflops"] and gd1203["p50_s"] > gd80["p50_s"]
+    assert gd1203["stage_gflops"]["detector"] / gd1203["calls"] == pytest.approx(
+        gd80["stage_gflops"]["detector"] / gd80["calls"], rel=0.5)
+    # OWLv2 embeds its queries once per vocabulary: the per-image work hardly grows, the one-off text work does
+    owl80, owl1203 = by["owlv2+ovsam", 80], by["owlv2+ovsam", 1203]
+    assert owl1203["queries"] > owl80["queries"] >= 80
+    assert owl1203["text_gflops"] > 3 * owl80["text_gflops"] and owl1203["gflops"] < 1.2 * owl80["gflops"]
+    # SAM 3: the image once, then one forward per concept, measured once (the same 8 batches) and scaled
+    s80, s1203 = by["sam3", 80], by["sam3", 1203]
+    assert s80["extrapolated"] and s1203["extrapolated"] and s80["measured_calls"] == s1203["measured_calls"] == 8
+    assert s80["stage_gflops"]["vision"] == s1203["stage_gflops"]["vision"]
+    assert s1203["stage_gflops"]["detr+masks"] == pytest.approx(s80["stage_gflops"]["detr+masks"] * 1203 / 80)
+    assert s1203["text_gflops"] == pytest.approx(s80["text_gflops"] * 1203 / 80)
+    # objectness proposals do not read the vocabulary
+    assert by["proposals:owlv2", 80]["stage_gflops"]["detector"] == by["proposals:owlv2", 1203]["stage_gflops"][
+        "detector"]
+
+
+def test_open_world_classes():
+    coco, lvis, again = open_world.parse_classes("80,1203,coco")
+    assert (coco.label, len(coco), lvis.label, len(lvis), again) == ("coco", 80, "lvis", 1203, coco)
+    assert sum(len(s) for s in coco.synonyms) == 173
+    for bad in ("klingon", "81", ""):
+        with pytest.raises(ValueError, match="--classes"):
+            open_world.parse_classes(bad)
 
 
 def test_model_benchmark_precisions_and_batch(tmp_path):
@@ -108,6 +175,8 @@ def test_bad_arguments_are_reported(capsys):
     assert model_bench.main(["--tiny", "--systems", "ovsam-rn50"]) == 1
     assert "unknown system(s) ['ovsam-rn50']" in capsys.readouterr().err
     assert model_bench.main(["--tiny", "--boxes", "0"]) == 1
+    assert model_bench.main(["--tiny", "--systems", "sam3", "--max-calls", "0"]) == 1
+    assert model_bench.main(["--tiny", "--systems", "grid", "--classes", "klingon"]) == 1
     assert scaling.main(["--tiny", "--vocabularies", "klingon"]) == 1
     assert "--vocabulary expects a class count or one of" in capsys.readouterr().err
 
