@@ -7,8 +7,9 @@
 # That machine's Python already has torch, torchvision, numpy, pillow, opencv, pyarrow, safetensors and timm
 # (with timm's huggingface_hub and PyYAML). What `import ovsam` and the annotation stage need besides is carried
 # here, at the versions installed in this checkout's .venv (so the benchmark runs what the tests ran):
-#   pure Python: open_clip_torch, segment-anything, ftfy, fsspec, tqdm, webdataset, braceexpand;
-#   compiled:    regex, pycocotools and wcwidth (ftfy's), as manylinux x86_64 wheels for CPython 3.9-3.13 (the
+#   pure Python: open_clip_torch, segment-anything, ftfy, fsspec, tqdm, webdataset, braceexpand, transformers (the
+#                open-world systems' detectors and SAM 3; it needs the machine's huggingface_hub to be >= 1.31);
+#   compiled:    regex, pycocotools, wcwidth (ftfy's) and tokenizers (transformers'), as manylinux x86_64 wheels for CPython 3.9-3.13 (the
 #                GPU machine's Python version is not known in advance; pip picks the one that fits), the
 #                checkout's version where it has a wheel for that Python, else the newest that has one.
 # The project itself is not carried as a wheel: run.sh runs it from the checkout (PYTHONPATH), so the benchmark
@@ -23,8 +24,8 @@ version() {  # the installed version of a distribution in $PY's environment
   "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"
 }
 
-PURE="open_clip_torch segment-anything ftfy fsspec tqdm webdataset braceexpand"
-COMPILED="regex pycocotools wcwidth"
+PURE="open_clip_torch segment-anything ftfy fsspec tqdm webdataset braceexpand transformers"
+COMPILED="regex pycocotools wcwidth tokenizers"
 
 for dist in $PURE; do
   spec="$dist==$(version "$dist")"

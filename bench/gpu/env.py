@@ -25,7 +25,8 @@ from pathlib import Path
 NEEDED = {
     "wcwidth": "wcwidth", "ftfy": "ftfy", "regex": "regex", "tqdm": "tqdm", "fsspec": "fsspec",
     "braceexpand": "braceexpand", "webdataset": "webdataset", "segment_anything": "segment_anything",
-    "pycocotools": "pycocotools", "open_clip": "open_clip_torch",
+    "pycocotools": "pycocotools", "open_clip": "open_clip_torch", "tokenizers": "tokenizers",
+    "transformers": "transformers",
 }
 # already on the GPU machine; reported, never installed
 PROVIDED = ("torch", "torchvision", "numpy", "PIL", "cv2", "pyarrow", "safetensors", "timm", "huggingface_hub", "yaml")
