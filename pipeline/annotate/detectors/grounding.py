@@ -84,16 +84,19 @@ class GroundingDetector:
                 used = 2
             groups[-1].append(q)
             used += n
-        captions = [self._caption(queries, g) for g in groups]
+        captions = [self._caption(queries, g, [lengths[q] for q in g]) for g in groups]
         with self._lock:
             self._captions[queries.key] = captions
             while len(self._captions) > 4:
                 self._captions.popitem(last=False)
         return captions
 
-    def _caption(self, queries: TextQueries, group: list[int]) -> Caption:
+    def _caption(self, queries: TextQueries, group: list[int], lengths: list[int]) -> Caption:
         text = caption_text([queries.texts[q] for q in group])
-        enc = self.processor.tokenizer(text, return_offsets_mapping=True)
+        try:
+            enc = self.processor.tokenizer(text, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError, TypeError):  # a tokenizer without offsets: count the tokens
+            return self._counted_caption(queries, group, lengths, text)
         spans, pos = [], 0
         for q in group:
             phrase = caption_text([queries.texts[q]])[:-1]
@@ -110,6 +113,18 @@ class GroundingDetector:
         if len(token_classes) > self.max_text_len:
             raise ValueError(f"caption of {len(token_classes)} tokens exceeds {self.max_text_len}")
         return Caption(text, token_classes)
+
+    def _counted_caption(self, queries: TextQueries, group: list[int], lengths: list[int], text: str) -> Caption:
+        """Token classes from each phrase's own token count (its words, then its "."): a word-piece tokenizer
+        splits at spaces and punctuation, so a caption's tokens are its phrases' tokens in turn."""
+        token_classes = [-1]  # [CLS]
+        for q, n in zip(group, lengths):
+            token_classes += [int(queries.classes[q])] * (n - 1) + [-1]
+        token_classes.append(-1)  # [SEP]
+        total = len(self.processor.tokenizer(text)["input_ids"])
+        if total != len(token_classes):
+            raise ValueError(f"cannot map the caption's {total} tokens to its phrases")
+        return Caption(text, np.asarray(token_classes, dtype=np.int64))
 
     # ------------------------------------------------------------------------------------------------ detection
     def __call__(self, images: Sequence[np.ndarray]) -> list[Proposals]:

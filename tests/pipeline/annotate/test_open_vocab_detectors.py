@@ -276,3 +276,18 @@ def test_owl_query_logits_stay_within_the_chunk_budget(weights, monkeypatch):
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         assert a.labels == b.labels
+
+
+def test_grounding_phrases_without_offsets_equal_the_offset_mapping(weights):
+    from pipeline.annotate.detectors.grounding import GroundingDetector
+
+    queries = _queries()
+    det = GroundingDetector("grounding-dino", weights("grounding-dino"), queries=queries,
+                            options=resolve_options(parse_prompt_source("detector:grounding-dino")))
+    (caption,) = det.captions(queries)
+    group = list(range(len(queries)))
+    lengths = [len(det.processor.tokenizer(t.lower() + ".", add_special_tokens=False)["input_ids"])
+               for t in queries.texts]
+    counted = det._counted_caption(queries, group, lengths, caption.text)
+    np.testing.assert_array_equal(counted.token_classes, caption.token_classes)
+    assert sorted(set(caption.token_classes.tolist())) == [-1, 0, 1, 2]
