@@ -290,11 +290,7 @@ async function everything() {
       method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({vocabulary: state.vocabulary, top_k: 5})});
     if (im !== state.image) return;
-    for (const inst of out.instances) {
-      const color = COLORS[im.instances.length % COLORS.length];
-      im.instances.push(Object.assign(inst, {canvas: maskCanvas(decodeRle(inst.mask), im.width, im.height, color, 90),
-                                             color}));
-    }
+    addInstances(im, out.instances);
     showError(null);
     $("latency").textContent = `everything: ${out.instances.length} masks in ${out._ms.toFixed(0)} ms`;
   } catch (err) {
@@ -302,6 +298,15 @@ async function everything() {
   }
   renderInstances();
   renderAnswer();
+}
+
+function addInstances(im, instances) {
+  // Answers of "everything" and "detect": each instance kept with its mask drawn in the next colour.
+  for (const inst of instances) {
+    const color = COLORS[im.instances.length % COLORS.length];
+    im.instances.push(Object.assign(inst, {canvas: maskCanvas(decodeRle(inst.mask), im.width, im.height, color, 90),
+                                           color}));
+  }
 }
 
 function renderFind() {
@@ -324,11 +329,7 @@ async function detect() {
     const out = await api(`v1/images/${im.image_id}/detect`, {
       method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({text, top_k: 5})});
     if (im !== state.image) return;
-    for (const inst of out.instances) {
-      const color = COLORS[im.instances.length % COLORS.length];
-      im.instances.push(Object.assign(inst, {canvas: maskCanvas(decodeRle(inst.mask), im.width, im.height, color, 90),
-                                             color}));
-    }
+    addInstances(im, out.instances);
     showError(null);
     $("latency").textContent = out.instances.length
       ? `detect: ${out.instances.length} instance(s) of ${out.text.join(", ")} in ${out._ms.toFixed(0)} ms`
