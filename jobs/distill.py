@@ -60,7 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.args import UsageError, add_progress_arguments, add_storage_options, expand_inputs, storage_options
+from jobs.args import (PRECISIONS, UsageError, add_progress_arguments, add_storage_options, expand_inputs,
+                       storage_options)
 from jobs.progress import duration, print_line
 from jobs.distill_loop import (DEFAULT_PROGRESS_EVERY, RELEASED_DIR, STUDENT_FILE, DistillConfig, InjectedFailure,
                                load_clip_weights, optim_config, train_loop)
@@ -390,6 +391,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_arguments(p, DEFAULT_PROGRESS_EVERY, evaluations="each held-out MSE",
                            also_quiet=", and no line per shard of --dump-teacher")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="float type of the student's forward pass: fp32, bf16, fp16 (with loss scaling) or auto "
+                        "(bf16 where the workers' device computes it natively); the neck's weights and optimiser "
+                        "state stay fp32; the resolved value is saved in the student file (default: fp32)")
     p.add_argument("--shuffle-buffer", type=int, default=64, help="samples held for shuffling per loader")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per training worker")
     p.add_argument("--name", default="distill", help="run name; a relaunch with the same name resumes")
@@ -426,7 +431,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig | DumpConfig:
         teacher_cache=args.teacher_cache, heldout=tuple(args.heldout), heldout_cache=args.heldout_cache,
         steps=args.steps, batch_size=args.batch_size or 2, lr=args.lr, warmup_steps=args.warmup_steps,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        report_every=args.report_every, progress_every=args.progress_every, quiet=args.quiet, seed=args.seed,
+        report_every=args.report_every, progress_every=args.progress_every, quiet=args.quiet, seed=args.seed, precision=args.precision,
         shuffle_buffer=args.shuffle_buffer, loader_workers=args.loader_workers, name=args.name,
         storage_path=args.storage_path, num_workers=2 if args.num_workers is None else args.num_workers,
         use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,

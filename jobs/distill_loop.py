@@ -55,6 +55,7 @@ class DistillConfig:
     progress_every: float = DEFAULT_PROGRESS_EVERY
     quiet: bool = False  # no progress lines (the summary and errors still print)
     seed: int = 0
+    precision: str = "fp32"  # the forward pass's float type (ovsam.training.MixedPrecision), resolved per worker
     shuffle_buffer: int = 64
     loader_workers: int = 0
     name: str = "distill"
@@ -147,7 +148,8 @@ def train_loop(loop_config: dict) -> None:
                               world)
     from ovsam import build_ovsam
     from ovsam.checkpoint import export_released, save_checkpoint
-    from ovsam.training import build_optimizer, build_scheduler, clip_gradients, set_trainable, train_mode
+    from ovsam.training import (MixedPrecision, build_optimizer, build_scheduler, clip_gradients, set_trainable,
+                                train_mode)
     from pipeline.training.distill_data import DistillStream, InputSpec, batched
 
     started = time.monotonic()
@@ -162,6 +164,7 @@ def train_loop(loop_config: dict) -> None:
     if cfg.student_clip is not None:
         load_clip_weights(student, cfg.student_clip)
     params = set_trainable(student, STAGE)
+    mp = MixedPrecision(cfg.precision, device)
     teacher = None
     if plan["needs_teacher"]:
         teacher = build_ovsam(cfg.teacher, checkpoint=cfg.teacher_checkpoint, device=device).requires_grad_(False)
@@ -182,6 +185,7 @@ def train_loop(loop_config: dict) -> None:
         student.neck.load_state_dict(state["neck"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        mp.load_state_dict(state.get("precision") or {})
         step, evals = int(state["step"]), list(state["evals"])
         logger.info("rank %d: resumed run '%s' at step %d", rank, cfg.name, step)
     else:
@@ -197,13 +201,14 @@ def train_loop(loop_config: dict) -> None:
                           send=progress)
     meter.note(f"{world_size} worker(s) ready: {plan['teacher']} -> {student.config.name}'s neck, "
                + ("teacher embeddings from the cache" if plan["train_cached"] else "teacher online")
-               + f", {cfg.steps} steps of {cfg.batch_size} images per worker"
+               + f", {cfg.steps} steps of {cfg.batch_size} images per worker in {mp.precision}"
                + (f"; resumed at step {step}" if step else ""))
 
     def make_state() -> dict:
         return {"step": step, "neck": student.neck.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "evals": evals, "student": student.config.name,
-                "teacher": plan["teacher"], "steps": cfg.steps, "world_size": world_size}
+                "teacher": plan["teacher"], "steps": cfg.steps, "world_size": world_size,
+                "precision": mp.state_dict()}
 
     heldout = plan["heldout_urls"][rank::world_size]
 
@@ -240,18 +245,21 @@ def train_loop(loop_config: dict) -> None:
         x = batch["images"].to(device)
         with torch.no_grad():
             target = batch["targets"].to(device) if plan["train_cached"] else teacher.encode_image(x)
-            feats = student.backbone(x)
-        emb = student.neck(feats)
+        with mp.autocast():
+            with torch.no_grad():
+                feats = student.backbone(x)
+            emb = student.neck(feats)
         if emb.shape != target.shape:
             raise ValueError(f"student '{student.config.name}' gave a {tuple(emb.shape)} embedding batch but teacher "
                              f"'{plan['teacher']}' {tuple(target.shape)}; the shapes must agree")
-        loss = F.mse_loss(emb, target)
+        loss = F.mse_loss(emb.float(), target.float())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mp.backward(loss)
         all_reduce_gradients(params)
+        mp.unscale(optimizer)
         grad_norm = clip_gradients(params, optim.clip_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        mp.step(optimizer)
         scheduler.step()
         step += 1
         if cfg.fail_at_step == step and started_at == 0 and rank == 0:
@@ -286,6 +294,7 @@ def train_loop(loop_config: dict) -> None:
     student.eval()
     report(final, state=make_state(), files={
         STUDENT_FILE: lambda path: save_checkpoint(student, path, extra={"distilled_from": plan["teacher"],
-                                                                          "distill_steps": str(step)}),
+                                                                          "distill_steps": str(step),
+                                                                          "training_precision": mp.precision}),
         RELEASED_DIR: lambda path: export_released(student, path),
     })

@@ -79,7 +79,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.args import add_progress_arguments, add_storage_options
+from jobs.args import PRECISIONS, add_progress_arguments, add_storage_options
 from jobs.args import storage_options as parse_storage_options
 from jobs.progress import print_line
 from jobs.train_config import (DEFAULT_MASK_POINTS, DEFAULT_PROGRESS_EVERY, MODEL_FILE, PUBLISHED_BATCH,
@@ -158,6 +158,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", type=int, default=0,
                    help="DataLoader processes per training worker and dataset (default 0: decode in the loop)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data mixture and the prompts (default: 0)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="float type of the forward pass: fp32, bf16, fp16 (with loss scaling) or auto (bf16 where "
+                        "the workers' device computes it natively, else fp32); weights and optimiser state stay "
+                        "fp32; the resolved value is reported and saved in the model file (default: fp32)")
     p.add_argument("--num-workers", type=int, default=2,
                    help="Ray Train workers (default 2; 0 = run in this process without Ray)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
@@ -195,7 +199,7 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
         trunk_warmup=args.trunk_warmup,
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_at_start=args.eval_at_start,
         eval_samples=args.eval_samples, report_every=args.report_every, loader_workers=args.loader_workers,
-        seed=args.seed, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        seed=args.seed, precision=args.precision, num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures, num_to_keep=args.num_to_keep, fault_at=fault,
         progress_every=args.progress_every, quiet=args.quiet, storage_options=storage)
 

@@ -70,6 +70,9 @@ class TrainJobConfig:
     loader_workers: int = 0
     shuffle_buffer: int = 32
     seed: int = 0
+    #: float type of the forward pass (``auto``, ``fp32``, ``bf16``, ``fp16``; ``ovsam.training.MixedPrecision``),
+    #: resolved on each worker's device; weights and optimiser state stay fp32
+    precision: str = "fp32"
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -144,4 +147,6 @@ class TrainJobConfig:
             hashed["unfreeze"] = sorted(self.unfreeze)
         if self.trunk_warmup:
             hashed["trunk_warmup"] = self.trunk_warmup
+        if self.precision != "fp32":  # only when set, so fp32 runs started before the flag existed still resume
+            hashed["precision"] = self.precision
         return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()

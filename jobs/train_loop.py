@@ -247,7 +247,8 @@ def train_loop(config: dict) -> None:
     from ovsam import build_ovsam
     from ovsam.checkpoint import save_checkpoint
     from ovsam.clip2sam import LossConfig, RegionProbe, clip2sam_losses, trunk_warmup_losses
-    from ovsam.training import build_optimizer, build_scheduler, clip_gradients, set_trainable, train_mode
+    from ovsam.training import (MixedPrecision, build_optimizer, build_scheduler, clip_gradients, set_trainable,
+                                train_mode)
 
     started = time.monotonic()
     cfg = TrainJobConfig.from_dict(config)
@@ -258,6 +259,7 @@ def train_loop(config: dict) -> None:
     if not hasattr(model, "fpn_neck"):
         raise ValueError(f"model {cfg.model!r} is not an OV-SAM model; CLIP2SAM training needs an ovsam-* model")
     adapt_model_config(model, cfg)
+    mp = MixedPrecision(cfg.precision, model.device)
     params = set_trainable(model, STAGE, cfg.unfreeze)
     optim_cfg = _optim_config(cfg)
     optimizer = build_optimizer(model, optim_cfg)
@@ -321,6 +323,7 @@ def train_loop(config: dict) -> None:
         assert not unexpected, unexpected
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        mp.load_state_dict(state.get("precision") or {})
         if "warmup" in state:
             probe.load_state_dict(state["warmup"]["probe"])
             warm_optimizer.load_state_dict(state["warmup"]["optimizer"])
@@ -340,7 +343,8 @@ def train_loop(config: dict) -> None:
     def checkpoint_state() -> dict:
         state = {"trainable": _trainable_state(model, _trained_parts(cfg)), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "step": step, "samples": samples_seen,
-                 "counts": dict(counts), "training_hash": cfg.training_hash(), "world_size": world}
+                 "counts": dict(counts), "training_hash": cfg.training_hash(), "world_size": world,
+                 "precision": mp.state_dict()}
         if step < warmup:
             state["warmup"] = {"probe": probe.state_dict(), "optimizer": warm_optimizer.state_dict(),
                                "scheduler": warm_scheduler.state_dict()}
@@ -357,8 +361,8 @@ def train_loop(config: dict) -> None:
         train_mode(model, STAGE, cfg.unfreeze)
         return params
 
-    files = {MODEL_FILE: lambda p: save_checkpoint(model, p, extra={"trained_steps": str(step),
-                                                                    "run": cfg.name})}
+    files = {MODEL_FILE: lambda p: save_checkpoint(model, p, extra={"trained_steps": str(step), "run": cfg.name,
+                                                                    "training_precision": mp.precision})}
     meter = ProgressMeter("[train]", total_steps, cfg.progress_every, start_step=step, started=started,
                           send=trainer.progress)
     if step < warmup:
@@ -366,7 +370,8 @@ def train_loop(config: dict) -> None:
     elif warmup:
         meter.phase(step, "CLIP2SAM")
     plan = (f"{warmup} trunk warm-up steps, then {cfg.steps} CLIP2SAM steps" if warmup else f"{cfg.steps} steps")
-    meter.note(f"{world} worker(s) ready: {cfg.model}, {plan} of {cfg.batch_size} images per worker"
+    meter.note(f"{world} worker(s) ready: {cfg.model}, {plan} of {cfg.batch_size} images per worker in "
+               f"{mp.precision}" + (f" (from {cfg.precision})" if cfg.precision != mp.precision else "")
                + (f"; resumed at step {step}" if restored_from is not None else ""))
     metrics: dict[str, float] = {}
     if cfg.eval_at_start and heldout and step == 0:
@@ -386,17 +391,18 @@ def train_loop(config: dict) -> None:
             raise AssertionError(f"step {step}: a batch of {name!r} holds samples of "
                                  f"{sorted({s.dataset for s in batch})}")
         in_warmup = step < warmup
-        if in_warmup:
-            losses, stats = trunk_warmup_losses(model, probe, batch, loss_cfg)
-            opt, sched = warm_optimizer, warm_scheduler
-        else:
-            losses, stats = clip2sam_losses(model, batch, texts[name], loss_cfg)
-            opt, sched = optimizer, scheduler
+        with mp.autocast():
+            if in_warmup:
+                losses, stats = trunk_warmup_losses(model, probe, batch, loss_cfg)
+            else:
+                losses, stats = clip2sam_losses(model, batch, texts[name], loss_cfg)
+        opt, sched = (warm_optimizer, warm_scheduler) if in_warmup else (optimizer, scheduler)
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        mp.backward(losses["loss"])
         trainer.all_reduce_gradients(active)
+        mp.unscale(opt)
         grad_norm = clip_gradients(active, optim_cfg.clip_grad_norm)
-        opt.step()
+        mp.step(opt)
         sched.step()
         step += 1
         counts[name] += 1

@@ -158,3 +158,47 @@ def clip_gradients(params: Iterable[nn.Parameter], max_norm: float | None) -> fl
     if max_norm is None:
         return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class MixedPrecision:
+    """Training at a precision: the forward pass under ``torch.autocast`` to bf16 or fp16 (none for fp32), while
+    the parameters, their gradients and the optimiser state stay fp32 (the master weights); fp16 scales the loss
+    with a ``torch.amp.GradScaler`` so small gradients survive, and skips steps whose gradients overflowed.
+
+    ``precision`` is resolved for ``device`` (``auto``: bf16 where the device computes it natively, else fp32;
+    :func:`ovsam.precision.resolve_precision`); :attr:`precision` is the resolved name. The autocast device type
+    is the device's, so the same code runs on CPU and CUDA. A step: ``with mp.autocast(): loss = ...``, then
+    :meth:`backward`, the gradient sync, :meth:`unscale` (before clipping), :meth:`step`."""
+
+    def __init__(self, precision: str, device: str | torch.device) -> None:
+        from .precision import DTYPES, resolve_precision
+
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = DTYPES[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.precision != "fp32")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring scaled gradients back to their true size (fp16; a no-op otherwise), before clipping them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {"precision": self.precision, **({} if self.scaler is None else {"scaler": self.scaler.state_dict()})}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
