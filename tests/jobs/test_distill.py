@@ -312,3 +312,16 @@ def test_cache_training_resumes_after_a_crash(ray_local, shards, tmp_path, capsy
     assert [e["step"] for e in s.evals] == [0, 8]
     assert s.heldout_mse < 0.7 * s.heldout_mse_initial, s.evals
     assert build_ovsam(checkpoint=tmp_path / "student.safetensors").config.name == STUDENT
+
+
+def test_bf16_distillation_trains_the_fp32_neck_and_records_its_precision(ray_local, shards, tmp_path):
+    from ovsam.checkpoint import read_metadata
+
+    argv = _train_argv(tmp_path, "bf16", 4, "--input", str(shards["train"])) + ["--precision", "bf16", "-q"]
+    s = distill.run_distill(distill.config_from_args(_args(argv)))
+    assert s.steps == 4 and all(np.isfinite(s.metrics["losses"]))
+    assert read_metadata(tmp_path / "student.safetensors")["training_precision"] == "bf16"
+    trained = build_ovsam(checkpoint=tmp_path / "student.safetensors")
+    assert all(v.dtype == torch.float32 for v in trained.neck.state_dict().values() if v.is_floating_point())
+    x = _inputs(build_ovsam(STUDENT))
+    assert not torch.allclose(_embed(trained, x), _embed(build_ovsam(STUDENT), x))  # the neck did train
