@@ -353,11 +353,7 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
                     if system is not None:
                         system.close()
                     del system
-                    gc.collect()
-                    if args.device == "cuda":
-                        torch.cuda.empty_cache()
-                if progress is not None:
-                    progress(result)
+                _system_done(args.device, progress, result)
                 continue
             system = None
             try:
@@ -385,17 +381,24 @@ def run(args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
                     for r in new:
                         finish(r, build_s)
             del system
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            if progress is not None:
-                progress(result)
+            _system_done(args.device, progress, result)
     result["partial"] = False
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output
+
+
+def _system_done(device: str, progress: Any, result: dict[str, Any]) -> None:
+    """After a system's rows: free what it held (host and device memory), then show the result so far."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    if progress is not None:
+        progress(result)
 
 
 def _fmt_s(v: float | None) -> str:

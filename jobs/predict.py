@@ -252,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
     check_ovsam_model(args.model, args.checkpoint)
     text = text_prompt(args)
     vocabulary_spec = args.vocabulary or "coco"
-    import numpy as np
     import torch
 
     import ovsam
@@ -282,9 +281,7 @@ def run(args: argparse.Namespace) -> int:
         from ovsam.precision import model_precision
         from pipeline.annotate.detectors.build import build_proposer
 
-        # writable copies where the decoder's are not: the detector's processor makes tensors of them
-        pixels = {i: np.require(read_image(url, args.max_pixels), requirements="W")
-                  for i, url in enumerate(args.images)}
+        pixels = {i: read_image(url, args.max_pixels) for i, url in enumerate(args.images)}
         detector = build_proposer(text.source, text.weights, options=text.options, vocabulary=vocabulary,
                                   device=device, precision=model_precision(model))
         detected = detector.detect(list(pixels.values()), text.queries, options=text.options)

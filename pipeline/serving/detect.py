@@ -19,7 +19,6 @@ from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import numpy as np
 from ovsam.batch import predict_images
 from ovsam.precision import model_precision
 from ovsam.prompts import validate_prompts
@@ -85,7 +84,7 @@ class DetectService:
         service = self.service
         model = service.model
         data = load()
-        image = np.require(service.decode(data), requirements="W")  # the detector's processor makes tensors of it
+        image = service.decode(data)
         queries = TextQueries.from_text(params.text, template=self.options.template)
         options = dataclasses.replace(
             self.options,
